@@ -1,0 +1,53 @@
+# Bosun: `make run` starts the gateway with embedded defaults; `make test` runs the suite.
+# Both set up everything they need on a fresh Debian machine (venv, Python packages, Debian packages).
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DEBS := mosquitto mosquitto-clients
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test check lint types fmt bench clean deps venv
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+.stamp-venv: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+# Debian packages the tests use: mosquitto_pub/sub as real clients, mosquitto for the benchmark baseline
+.stamp-debs:
+	@if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto >/dev/null; then \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEBS); fi
+	@touch $@
+
+venv: .stamp-venv
+deps: .stamp-venv .stamp-debs
+
+run: .stamp-venv
+	$(BIN)/bosun run $(ARGS)
+
+test: deps
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: .stamp-venv
+	$(BIN)/ruff check gateway webui tests
+	$(BIN)/ruff format --check gateway webui tests
+
+types: .stamp-venv
+	$(BIN)/mypy
+
+fmt: .stamp-venv
+	$(BIN)/ruff format gateway webui tests
+	$(BIN)/ruff check --fix gateway webui tests
+
+check: lint types test
+
+bench: deps
+	$(BIN)/python -m gateway.bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .stamp-* build *.egg-info

@@ -1,0 +1,154 @@
+"""Pure payload handling: decode JSON or msgpack, normalize (seed 002), extract measurements."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import msgpack
+
+from gateway.errors import PayloadError
+
+__all__ = ["decode", "normalize", "snake_case", "extract_metrics", "parse_time", "to_number"]
+
+_CAMEL_1 = re.compile(r"(.)([A-Z][a-z]+)")
+_CAMEL_2 = re.compile(r"([a-z0-9])([A-Z])")
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_INT = re.compile(r"[+-]?\d+")
+
+
+def snake_case(name: str) -> str:
+    """heapFreeKb -> heap_free_kb; already snake keys are unchanged."""
+    return _CAMEL_2.sub(r"\1_\2", _CAMEL_1.sub(r"\1_\2", name)).replace("-", "_").lower()
+
+
+def decode(data: bytes, msgpack_payload: bool = False) -> Any:
+    """Bytes to a Python value. Empty payload is None; plain text that is not JSON stays a string.
+
+    Raises PayloadError(reason) for bytes that are not UTF-8 or msgpack that cannot be unpacked.
+    """
+    if not data:
+        return None
+    if msgpack_payload:
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise PayloadError("bad_msgpack", str(exc)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PayloadError("not_utf8", "payload is not UTF-8 text") from None
+    stripped = text.strip()
+    if stripped[:1] in ("{", "["):
+        try:
+            return json.loads(stripped)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise PayloadError("bad_json", f"payload is not valid JSON: {exc}") from None
+    try:
+        return json.loads(stripped)
+    except (json.JSONDecodeError, RecursionError):
+        return text
+
+
+def to_number(value: Any) -> int | float | None:
+    """A number from a number or numeric string; NaN, infinities and anything else are None."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        text = value.strip()
+        if _INT.fullmatch(text):
+            return int(text)
+        if _NUMBER.fullmatch(text):
+            number = float(text)
+            return number if math.isfinite(number) else None
+    return None
+
+
+def normalize(value: Any, depth: int = 0) -> Any:
+    """Seed 002's rules: empty strings -> None, numeric strings -> numbers, invalid numbers -> None,
+    camelCase keys -> snake_case. Applied recursively (to a bounded depth)."""
+    if depth > 32:
+        return None
+    if isinstance(value, dict):
+        return {snake_case(str(k)): normalize(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalize(v, depth + 1) for v in value]
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        number = to_number(value)
+        return number if number is not None else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def parse_time(value: Any) -> float | None:
+    """Epoch seconds from an ISO-8601 string or a number (seconds or milliseconds); None if unusable."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value <= 0:
+            return None
+        # device clocks send seconds or milliseconds; anything past year 5000 in seconds is milliseconds
+        return float(value) / 1000.0 if value > 1e11 else float(value)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    return None
+
+
+_TIME_KEYS = ("time", "timestamp", "ts")
+_SKIP_KEYS = {"device_id", "sequence_id", *_TIME_KEYS}
+
+
+def _flatten(prefix: str, value: Any, out: list[tuple[str, float | None]], depth: int) -> None:
+    if depth > 8:
+        return
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if depth == 0 and key in _SKIP_KEYS:
+                continue
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out, depth + 1)
+        return
+    if isinstance(value, list | str) or value is None:
+        # strings that were not numbers and lists are not measurements; None is an invalid number
+        if value is None and prefix:
+            out.append((prefix, None))
+        return
+    number = to_number(value)
+    out.append((prefix, None if number is None else float(number)))
+
+
+def extract_metrics(action: str, payload: Any) -> tuple[list[tuple[str, float | None]], float | None]:
+    """Measurements from a normalized telemetry payload, and the device's own timestamp if it sent one.
+
+    Forms (DESIGN, `telemetry` row): `{"value": v, "time": t}` -> metric named after the action;
+    a JSON object of metrics (nested objects flatten to dotted names); a bare number.
+    """
+    if isinstance(payload, dict):
+        ts = next((parse_time(payload[k]) for k in _TIME_KEYS if k in payload), None)
+        if "value" in payload and set(payload) <= {"value", *_TIME_KEYS, "unit", "device_id"}:
+            number = to_number(payload["value"])
+            return [(action, None if number is None else float(number))], ts
+        out: list[tuple[str, float | None]] = []
+        _flatten("", payload, out, 0)
+        return out, ts
+    number = to_number(payload)
+    if number is not None:
+        return [(action, float(number))], None
+    return [], None

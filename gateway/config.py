@@ -1,0 +1,237 @@
+"""Configuration: one TOML file plus BOSUN_<SECTION>_<KEY> overrides, validated once into a frozen value.
+
+Every setting, its default and its help text live here; `bosun config show` and the README are derived
+from these dataclasses. Precedence, lowest first: defaults, TOML file, environment, CLI flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from gateway.errors import ConfigError
+
+__all__ = ["Config", "load", "describe"]
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _help(text: str, default: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    id: str = _help("Stable gateway id reported to HQ; empty means generated once and kept in the data dir.", "")
+    site: str = _help("Default site name shown in the UI and mDNS records.", "site")
+    data_dir: str = _help("Directory holding the SQLite database and generated secrets.", "./var")
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    bind: str = _help("Address the MQTT listener binds to.", "0.0.0.0")
+    port: int = _help("MQTT TCP port (0 picks a free port).", 1883)
+    ws_port: int = _help("MQTT over WebSocket port; -1 disables it.", -1)
+    root: str = _help("First topic level of the device protocol.", "bosun")
+    max_payload: int = _help("Largest accepted PUBLISH payload in bytes; larger ones are dropped and counted.", 65536)
+    max_connections: int = _help("Most simultaneous MQTT connections; -1 is unlimited.", 5000)
+    allow_anonymous: bool = _help("Accept clients without credentials (they only get the anonymous_* patterns).", False)
+    anonymous_publish: list[str] = _help("Topic patterns anonymous clients may publish to.", [])
+    anonymous_subscribe: list[str] = _help("Topic patterns anonymous clients may subscribe to.", [])
+    anonymous_deny: list[str] = _help("Topic patterns anonymous clients may never use (wins over the allow lists).", [])
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    bind: str = _help("Address the HTTP server binds to.", "0.0.0.0")
+    port: int = _help("HTTP port for the web UI and the JSON API (0 picks a free port).", 8080)
+
+
+@dataclass(frozen=True)
+class StoreSection:
+    flush_ms: int = _help("Longest a write waits before its group is committed, in milliseconds.", 10)
+    batch_rows: int = _help("Most writes committed in one group.", 500)
+    queue_max: int = _help("Most writes waiting for the writer; publishers wait beyond it (backpressure).", 20000)
+    synchronous: str = _help("SQLite synchronous mode: NORMAL survives a crash, FULL also a power cut.", "NORMAL")
+    max_db_mb: int = _help("Disk budget for the database; oldest measurements and traffic go first.", 1024)
+    traffic_rows: int = _help("Rows kept in the traffic log.", 100000)
+    traffic_payload_bytes: int = _help("Bytes of each payload kept in the traffic log.", 1024)
+    retention_check_s: int = _help("Seconds between retention checks.", 60)
+
+
+@dataclass(frozen=True)
+class PresenceSection:
+    timeout_s: int = _help("A device with no message for this many seconds is marked offline.", 120)
+    check_s: int = _help("Seconds between presence sweeps.", 5)
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = _help("Log level: DEBUG, INFO, WARNING or ERROR.", "INFO")
+    format: str = _help("Log format: 'text' for people, 'json' for journald.", "text")
+
+
+@dataclass(frozen=True)
+class Config:
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    http: HttpSection = field(default_factory=HttpSection)
+    store: StoreSection = field(default_factory=StoreSection)
+    presence: PresenceSection = field(default_factory=PresenceSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.gateway.data_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "bosun.db"
+
+
+_CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("store", "synchronous"): ("NORMAL", "FULL", "EXTRA"),
+    ("log", "level"): ("DEBUG", "INFO", "WARNING", "ERROR"),
+    ("log", "format"): ("text", "json"),
+}
+_PORTS = {("mqtt", "port"), ("http", "port")}
+
+
+def _sections() -> dict[str, type[Any]]:
+    hints = get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _expected(tp: Any) -> str:
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if get_origin(tp) is list:
+        return "a list of strings"
+    return "a string"
+
+
+def _coerce(name: str, tp: Any, value: Any, from_env: bool) -> Any:
+    """Turn a TOML or environment value into the field's type, or raise ConfigError naming the key."""
+    bad = ConfigError(f"{name}: expected {_expected(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+        raise bad
+    if get_origin(tp) is list:
+        if from_env and isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise bad
+    if isinstance(value, str):
+        return value
+    raise bad
+
+
+def _validate(cfg: Config) -> None:
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}: expected one of {', '.join(choices)}, got {value!r}")
+    for section, key in _PORTS:
+        value = getattr(getattr(cfg, section), key)
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{section}.{key}: expected a port number 0-65535, got {value}")
+    if not -1 <= cfg.mqtt.ws_port <= 65535:
+        raise ConfigError(f"mqtt.ws_port: expected a port number 0-65535 or -1, got {cfg.mqtt.ws_port}")
+    if not _SEGMENT.fullmatch(cfg.mqtt.root):
+        raise ConfigError(f"mqtt.root: expected 1-64 characters of [A-Za-z0-9_-], got {cfg.mqtt.root!r}")
+    if cfg.gateway.id and not _SEGMENT.fullmatch(cfg.gateway.id):
+        raise ConfigError(f"gateway.id: expected 1-64 characters of [A-Za-z0-9_-], got {cfg.gateway.id!r}")
+    positive = [
+        ("store", "flush_ms"), ("store", "batch_rows"), ("store", "queue_max"), ("store", "max_db_mb"),
+        ("store", "traffic_rows"), ("store", "retention_check_s"), ("presence", "timeout_s"),
+        ("presence", "check_s"), ("mqtt", "max_payload"),
+    ]
+    for section, key in positive:
+        value = getattr(getattr(cfg, section), key)
+        if value <= 0:
+            raise ConfigError(f"{section}.{key}: expected a positive integer, got {value}")
+    if cfg.store.traffic_payload_bytes < 0:
+        raise ConfigError("store.traffic_payload_bytes: expected 0 or more")
+    if not cfg.gateway.data_dir:
+        raise ConfigError("gateway.data_dir: expected a directory path, got an empty string")
+
+
+def load(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read the TOML file (if any), apply BOSUN_* variables and `overrides` ("section.key": value)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    env = environ if environ is not None else {}
+    sections = _sections()
+    for name in raw:
+        if name not in sections:
+            raise ConfigError(f"{name}: unknown section (known: {', '.join(sections)})")
+    built: dict[str, Any] = {}
+    for sname, stype in sections.items():
+        table = raw.get(sname, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{sname}: expected a table [{sname}]")
+        hints = get_type_hints(stype)
+        known = {f.name for f in dataclasses.fields(stype)}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"{sname}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        values: dict[str, Any] = {}
+        for key in known:
+            tp = hints[key]
+            dotted = f"{sname}.{key}"
+            if key in table:
+                values[key] = _coerce(dotted, tp, table[key], from_env=False)
+            env_name = f"BOSUN_{sname.upper()}_{key.upper()}"
+            if env_name in env:
+                values[key] = _coerce(env_name, tp, env[env_name], from_env=True)
+            if overrides and overrides.get(dotted) is not None:
+                values[key] = _coerce(dotted, tp, overrides[dotted], from_env=True)
+        built[sname] = stype(**values)
+    cfg = Config(**built)
+    _validate(cfg)
+    return cfg
+
+
+def load_from_cli(path: str | None, overrides: Mapping[str, Any]) -> Config:
+    """The CLI's loader: the process environment is read here, once, never at import."""
+    return load(path, os.environ, overrides)
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """Every setting as (env var, dotted key, default, help), for docs and `bosun config show`."""
+    rows = []
+    for sname, stype in _sections().items():
+        for f in dataclasses.fields(stype):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((f"BOSUN_{sname.upper()}_{f.name.upper()}", f"{sname}.{f.name}", default, f.metadata["help"]))
+    return rows

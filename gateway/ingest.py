@@ -1,0 +1,251 @@
+"""Ingest: classify every accepted PUBLISH and turn it into one write for the writer.
+
+Routes (DESIGN, device protocol): `status` and `heartbeat` update the device, `availability` drives presence,
+`press` becomes an event deduplicated by (device, sequence_id), telemetry becomes measurement rows, `ack`
+updates the command it names; every message also goes to the bounded traffic log. Nothing here raises into
+the broker: bad topics, unknown devices and unparseable payloads are counted by reason and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import codec, topics
+from gateway.accounts import Accounts
+from gateway.config import Config
+from gateway.errors import PayloadError, TopicError
+from gateway.hub import Hub
+from gateway.metrics import Metrics
+from gateway.presence import Presence
+from gateway.store.records import LANE_PRIORITY, outbox
+from gateway.store.writer import Writer
+
+__all__ = ["Ingest", "Message"]
+
+log = logging.getLogger(__name__)
+
+_EARLIEST_DEVICE_TS = 1_577_836_800.0  # 2020-01-01: older device clocks are unset, use the receive time
+_ACK_STATUSES = {"received", "accepted", "declined", "done", "error"}
+_PRIORITIES = {"normal", "urgent", "emergency"}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    client_id: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    received_at: float
+
+
+class Ingest:
+    def __init__(
+        self, cfg: Config, writer: Writer, accounts: Accounts, presence: Presence, hub: Hub, metrics: Metrics
+    ) -> None:
+        self._root = cfg.mqtt.root
+        self._max_payload = cfg.mqtt.max_payload
+        self._keep = cfg.store.traffic_payload_bytes
+        self._writer = writer
+        self._accounts = accounts
+        self._presence = presence
+        self._hub = hub
+        self._metrics = metrics
+
+    def _drop(self, reason: str, msg: Message, detail: str) -> None:
+        self._metrics.drops.labels(reason).inc()
+        log.warning("dropped %s from %s on %r: %s", reason, msg.client_id, msg.topic, detail)
+
+    async def accept(self, msg: Message) -> asyncio.Future[Any]:
+        """Queue the message's write; waits while the writer is full (backpressure on the publisher).
+
+        The returned future resolves once the write is committed: that is when a QoS 1 PUBACK may go out.
+        """
+        op = self._plan(msg)
+        future = await self._writer.enqueue(op)
+        future.add_done_callback(self._after_commit)
+        return future
+
+    def _after_commit(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._metrics.drops.labels("store_error").inc()
+            log.error("ingest write failed: %s", exc)
+            return
+        for kind, data in future.result() or ():
+            self._presence.apply(kind, data)
+            self._hub.publish(kind, data)
+
+    def _plan(self, msg: Message) -> Any:
+        """Pure-ish classification on the loop; returns the op the writer thread runs."""
+        action = "other"
+        error: str | None = None
+        parsed: topics.DeviceTopic | None = None
+        body: Any = None
+        if len(msg.payload) > self._max_payload:
+            error = "oversized_payload"
+        else:
+            try:
+                parsed = topics.parse(msg.topic, self._root)
+                action = parsed.action.split("/", 1)[0]
+            except TopicError as exc:
+                error = exc.reason if exc.reason != "foreign_root" else None
+                if error:
+                    action = "bad_topic"
+        if parsed is not None and error is None:
+            device = self._accounts.device(parsed.device_id)
+            if device is None:
+                error = "unknown_device"
+            elif (device.site, device.room, device.type) != (parsed.site, parsed.room, parsed.type):
+                error = "wrong_namespace"
+            else:
+                try:
+                    body = codec.normalize(codec.decode(msg.payload, parsed.msgpack))
+                except PayloadError as exc:
+                    error = exc.reason
+        self._metrics.messages.labels(action, "in").inc()
+        if error is not None:
+            self._drop(error, msg, f"{len(msg.payload)} bytes")
+        traffic = (
+            msg.received_at, "in", msg.client_id, msg.topic, msg.qos, int(msg.retain), len(msg.payload),
+            bytes(msg.payload[: self._keep]), error,
+        )
+        if error is not None or parsed is None:
+            return lambda conn: _insert_traffic(conn, traffic)
+        self._presence.seen(parsed.device_id, msg.received_at)
+        route = _ROUTES.get(action, _telemetry if not action.startswith("cmd") else None)
+        device_id, received_at, dtopic = parsed.device_id, msg.received_at, parsed
+
+        def op(conn: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
+            _insert_traffic(conn, traffic)
+            if route is None:
+                return []
+            return route(conn, dtopic, device_id, body, received_at, self)
+
+        return op
+
+
+def _insert_traffic(conn: sqlite3.Connection, row: tuple[Any, ...]) -> list[tuple[str, dict[str, Any]]]:
+    conn.execute(
+        "INSERT INTO traffic(ts, direction, client_id, topic, qos, retain, size, payload, error) "
+        "VALUES (?,?,?,?,?,?,?,?,?)",
+        row,
+    )
+    return []
+
+
+def _device_ts(body: Any, received_at: float) -> float:
+    if isinstance(body, dict):
+        for key in ("timestamp", "time", "ts"):
+            ts = codec.parse_time(body.get(key))
+            if ts is not None and _EARLIEST_DEVICE_TS <= ts <= received_at + 86400:
+                return ts
+    return received_at
+
+
+Route = Any
+
+
+def _status(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
+            ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+    body = body if isinstance(body, dict) else {}
+    battery = codec.to_number(body.get("battery"))
+    signal = codec.to_number(body.get("signal_strength", body.get("rssi", body.get("signal"))))
+    firmware = body.get("firmware_version", body.get("firmware"))
+    conn.execute(
+        "UPDATE devices SET battery = coalesce(?, battery), signal = coalesce(?, signal), "
+        "firmware = coalesce(?, firmware), status_json = ?, last_seen = ? WHERE device_id = ?",
+        (battery, signal, None if firmware is None else str(firmware), json.dumps(body, default=str), now, device_id),
+    )
+    return [("device.status", {"device_id": device_id, "battery": battery, "signal": signal})]
+
+
+def _heartbeat(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
+               ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+    # last_seen is kept in memory by Presence and flushed in batches: a heartbeat costs only its traffic row
+    return []
+
+
+def _availability(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
+                  ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+    state = str(body).lower() if body is not None else ""
+    if state not in ("online", "offline"):
+        ingest._metrics.drops.labels("bad_availability").inc()
+        return []
+    return ingest._presence.set_in_tx(conn, device_id, state == "online", now, "availability")
+
+
+def _press(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
+           ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+    body = dict(body) if isinstance(body, dict) else {}
+    body.pop("device_id", None)  # the device id comes from the topic, never the payload (DESIGN)
+    sequence = codec.to_number(body.get("sequence_id"))
+    sequence_id = int(sequence) if sequence is not None else None
+    if body.get("priority") not in _PRIORITIES:
+        body["priority"] = "normal"
+    body.setdefault("press_type", "single")
+    ts = _device_ts(body, now)
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO events(device_id, type, ts, received_at, sequence_id, payload) "
+        "VALUES (?, 'press', ?, ?, ?, ?)",
+        (device_id, ts, now, sequence_id, json.dumps(body, default=str)),
+    )
+    if cur.rowcount == 0:
+        ingest._metrics.drops.labels("duplicate_press").inc()
+        return []
+    event = {"id": cur.lastrowid, "device_id": device_id, "type": "press", "ts": ts, "received_at": now,
+             "sequence_id": sequence_id, "site": t.site, "room": t.room, **body}
+    outbox(conn, LANE_PRIORITY, "event", event, device_id)
+    ingest._metrics.stored.labels("events").inc()
+    return [("event.press", event)]
+
+
+def _telemetry(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
+               ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+    metrics, ts = codec.extract_metrics(t.action.replace("/", "."), body)
+    if not metrics:
+        ingest._metrics.drops.labels("no_measurements").inc()
+        return []
+    when = ts if ts is not None and _EARLIEST_DEVICE_TS <= ts <= now + 86400 else now
+    conn.executemany(
+        "INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)",
+        [(device_id, name, when, value) for name, value in metrics],
+    )
+    ingest._metrics.stored.labels("measurements").inc(len(metrics))
+    return []
+
+
+def _ack(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
+         ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+    body = body if isinstance(body, dict) else {}
+    command_id = body.get("command_id")
+    status = body.get("status")
+    if not isinstance(command_id, str) or status not in _ACK_STATUSES:
+        ingest._metrics.drops.labels("bad_ack").inc()
+        return []
+    detail = body.get("detail")
+    cur = conn.execute(
+        "UPDATE commands SET status = ?, detail = ?, acked_at = ? WHERE command_id = ? AND device_id = ?",
+        (status, None if detail is None else str(detail), now, command_id, device_id),
+    )
+    if cur.rowcount == 0:
+        ingest._metrics.drops.labels("unknown_command").inc()
+        return []
+    return [("command.ack", {"command_id": command_id, "device_id": device_id, "status": status})]
+
+
+_ROUTES: dict[str, Route] = {
+    "status": _status,
+    "heartbeat": _heartbeat,
+    "availability": _availability,
+    "press": _press,
+    "ack": _ack,
+}

@@ -1,0 +1,210 @@
+"""The gateway's lifecycle: components start in a fixed order on one AsyncExitStack and stop in reverse.
+
+Order: store (writer, reader) -> registry cache -> presence, retention -> ingest + broker -> API.
+Stopping closes the listeners first, ingests what sessions still hold, and lets the writer commit
+everything queued before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import sqlite3
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+from gateway import __version__
+from gateway.accounts import Accounts
+from gateway.broker.security import Gatekeeper
+from gateway.broker.server import GatewayBroker, broker_config
+from gateway.commands import Commands
+from gateway.config import Config
+from gateway.hub import Hub
+from gateway.ingest import Ingest
+from gateway.metrics import Metrics
+from gateway.presence import Presence
+from gateway.retention import Retention, used_bytes
+from gateway.store import registry
+from gateway.store.reader import Reader
+from gateway.store.writer import Writer
+from gateway.webserver import WebServer
+
+__all__ = ["Gateway", "Bootstrap"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """What the first start created and must be shown once."""
+
+    admin_password: str | None
+
+
+def _ensure_identity(conn: sqlite3.Connection, configured: str) -> tuple[str, str | None]:
+    """Gateway id (configured, or generated once and kept) and, on the very first start, an admin user."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'gateway_id'").fetchone()
+    gateway_id = configured or (row[0] if row else f"gw-{secrets.token_hex(6)}")
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('gateway_id', ?)", (gateway_id,))
+    password = None
+    if registry.count_users(conn) == 0:
+        password = secrets.token_urlsafe(12)
+        registry.add_user(conn, "admin", "admin", password, actor="bootstrap")
+    return gateway_id, password
+
+
+class Gateway:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.hub = Hub(self.metrics)
+        self.writer = Writer(cfg.db_path, cfg.store, self.metrics)
+        self.reader = Reader(cfg.db_path)
+        self.accounts = Accounts(self.reader)
+        self.presence = Presence(cfg.presence, self.writer, self.hub, self.metrics)
+        self.retention = Retention(cfg.store, self.writer, self.metrics)
+        self.ingest = Ingest(cfg, self.writer, self.accounts, self.presence, self.hub, self.metrics)
+        self.gate = Gatekeeper(cfg.mqtt, self.accounts, self.metrics)
+        self.broker: GatewayBroker | None = None
+        self.commands: Commands | None = None
+        self.web: WebServer | None = None
+        self.gateway_id = ""
+        self.bootstrap = Bootstrap(None)
+        self.started_at = 0.0
+        self.state: dict[str, str] = {}
+        self._stack = AsyncExitStack()
+
+    @property
+    def mqtt_port(self) -> int:
+        assert self.broker is not None
+        return self.broker.port()
+
+    @property
+    def http_port(self) -> int:
+        assert self.web is not None
+        return self.web.port
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        stack = self._stack
+        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.writer.start()
+        stack.push_async_callback(self._stopped, "store", self.writer.stop)
+        self.gateway_id, password = await self.writer.run(lambda c: _ensure_identity(c, self.cfg.gateway.id))
+        self.bootstrap = Bootstrap(password)
+        await self.reader.start()
+        stack.push_async_callback(self.reader.stop)
+        self.state["store"] = "ok"
+
+        await self.accounts.start()
+        stack.push_async_callback(self.accounts.stop)
+        await self.presence.start()
+        stack.push_async_callback(self._stopped, "presence", self.presence.stop)
+        await self.retention.start()
+        stack.push_async_callback(self.retention.stop)
+
+        self.broker = GatewayBroker(broker_config(self.cfg.mqtt, self.gate), self.gate, self.ingest, self.metrics,
+                                    self.cfg.mqtt)
+        await self.broker.start()
+        stack.push_async_callback(self._stopped, "broker", self._stop_broker)
+        self.accounts.on_change(self._enforce_registry)
+        self.commands = Commands(self.cfg.mqtt.root, self.writer, self.broker)
+        self.state["broker"] = "ok"
+        self.state["ingest"] = "ok"
+
+        from webui.app import create_app  # webui depends on gateway, never the reverse at import time
+
+        self.web = WebServer(create_app(self), self.cfg.http.bind, self.cfg.http.port)
+        await self.web.start()
+        stack.push_async_callback(self._stopped, "api", self.web.stop)
+        self.state["api"] = "ok"
+        self.started_at = time.time()
+        log.info("gateway %s ready: MQTT %s:%d, HTTP %s:%d", self.gateway_id, self.cfg.mqtt.bind, self.mqtt_port,
+                 self.cfg.http.bind, self.http_port)
+
+    async def _stopped(self, name: str, stop: Any) -> None:
+        self.state[name] = "stopping"
+        await stop()
+        self.state[name] = "stopped"
+
+    async def _stop_broker(self) -> None:
+        broker = self.broker
+        assert broker is not None
+        for server in broker._servers.values():
+            # stop accepting first, so nothing new arrives while sessions are drained
+            if server.instance is not None:
+                server.instance.close()
+        await broker.drain()
+        await broker.shutdown()
+
+    async def _enforce_registry(self) -> None:
+        """After any registry change: disconnect devices that were disabled or deleted."""
+        if self.broker is None:
+            return
+        from gateway.broker.security import principal_of
+
+        for client_id, (session, _) in list(self.broker.sessions.items()):
+            principal = principal_of(session)
+            if principal is None or principal.kind != "device" or not session.transitions.is_connected():
+                continue
+            device = self.accounts.device(principal.name)
+            if device is None or device.disabled or device != principal.device:
+                log.warning("disconnecting %s: its registry entry changed", client_id)
+                await self.broker.disconnect_client(client_id)
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+
+    def health(self) -> dict[str, Any]:
+        process = psutil.Process()
+        broker = self.broker
+        return {
+            "status": "ok" if all(v == "ok" for v in self.state.values()) else "degraded",
+            "version": __version__,
+            "gateway_id": self.gateway_id,
+            "uptime_s": round(time.time() - self.started_at, 1) if self.started_at else 0,
+            "components": dict(self.state),
+            "mqtt": {
+                "port": self.mqtt_port if broker else None,
+                "connected_clients": broker.connected_clients() if broker else 0,
+                "queued_messages": broker.queued_messages() if broker else 0,
+            },
+            "writer": {
+                "queue_depth": self.writer.depth,
+                "commits": self.writer.commits,
+                "rows": self.writer.rows,
+                "last_batch": self.writer.last_batch,
+            },
+            "counters": {
+                "messages": self.metrics.counter_values(self.metrics.messages),
+                "drops": self.metrics.counter_values(self.metrics.drops),
+                "auth_failures": self.metrics.counter_values(self.metrics.auth_failures),
+                "stored": self.metrics.counter_values(self.metrics.stored),
+            },
+            "process": {
+                "rss_bytes": process.memory_info().rss,
+                "cpu_seconds": round(sum(process.cpu_times()[:2]), 3),
+            },
+        }
+
+    async def db_used_bytes(self) -> int:
+        return await self.reader.call(used_bytes)
+
+
+async def run_until(gateway: Gateway, stop: asyncio.Event) -> None:
+    await gateway.start()
+    try:
+        await stop.wait()
+    finally:
+        await gateway.stop()

@@ -1,0 +1,204 @@
+"""Schema and migrations, applied in order by PRAGMA user_version; connection settings for every opener."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+__all__ = ["MIGRATIONS", "connect", "migrate", "SCHEMA_VERSION"]
+
+# Each entry moves the schema from version i to i+1. Never edit a released entry: append a new one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta(key, value) VALUES ('registry_version', '0');
+
+    CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY,
+        site TEXT NOT NULL,
+        room TEXT NOT NULL,
+        type TEXT NOT NULL,
+        name TEXT,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        online INTEGER NOT NULL DEFAULT 0,
+        online_changed_at REAL,
+        last_seen REAL,
+        battery REAL,
+        signal REAL,
+        firmware TEXT,
+        status_json TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX devices_place ON devices(site, room);
+
+    -- one row per MQTT account: kind 'device' (username = device id) or 'integration'
+    CREATE TABLE credentials (
+        username TEXT PRIMARY KEY,
+        kind TEXT NOT NULL CHECK (kind IN ('device', 'integration')),
+        secret_hash TEXT NOT NULL,
+        read_patterns TEXT NOT NULL DEFAULT '[]',
+        write_patterns TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL
+    );
+
+    CREATE TABLE users (
+        username TEXT PRIMARY KEY,
+        role TEXT NOT NULL CHECK (role IN ('admin', 'installer', 'crew')),
+        password_hash TEXT NOT NULL,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+
+    CREATE TABLE api_tokens (
+        token_hash TEXT PRIMARY KEY,
+        username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
+        label TEXT,
+        created_at REAL NOT NULL,
+        last_used_at REAL,
+        revoked INTEGER NOT NULL DEFAULT 0
+    );
+
+    CREATE TABLE measurements (
+        id INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        metric TEXT NOT NULL,
+        ts REAL NOT NULL,
+        value REAL
+    );
+    CREATE INDEX measurements_device_metric_ts ON measurements(device_id, metric, ts);
+
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        device_id TEXT,
+        type TEXT NOT NULL,
+        ts REAL NOT NULL,
+        received_at REAL NOT NULL,
+        sequence_id INTEGER,
+        payload TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_type_ts ON events(type, ts);
+    CREATE INDEX events_ts ON events(ts);
+    -- a press is stored once per (device, sequence_id), whatever the retransmissions (DESIGN: press)
+    CREATE UNIQUE INDEX events_dedup ON events(device_id, type, sequence_id) WHERE sequence_id IS NOT NULL;
+
+    CREATE TABLE traffic (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        direction TEXT NOT NULL,
+        client_id TEXT,
+        topic TEXT NOT NULL,
+        qos INTEGER NOT NULL,
+        retain INTEGER NOT NULL DEFAULT 0,
+        size INTEGER NOT NULL,
+        payload BLOB,
+        error TEXT
+    );
+    CREATE INDEX traffic_topic ON traffic(topic);
+
+    CREATE TABLE commands (
+        command_id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        args TEXT NOT NULL DEFAULT '{}',
+        status TEXT NOT NULL,
+        detail TEXT,
+        created_at REAL NOT NULL,
+        sent_at REAL,
+        acked_at REAL,
+        created_by TEXT
+    );
+    CREATE INDEX commands_device ON commands(device_id, created_at);
+
+    CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        target TEXT,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_ts ON audit_log(ts);
+
+    -- transactional outbox: rows for HQ, appended in the same transaction as the record they carry
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        lane TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        device_id TEXT,
+        created_at REAL NOT NULL,
+        body BLOB NOT NULL
+    );
+    CREATE INDEX outbox_lane ON outbox(lane, seq);
+
+    -- any change to the registry bumps a counter the running gateway polls (the CLI writes while it runs)
+    CREATE TRIGGER devices_ins AFTER INSERT ON devices BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    CREATE TRIGGER devices_upd AFTER UPDATE OF site, room, type, disabled ON devices BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    CREATE TRIGGER devices_del AFTER DELETE ON devices BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    CREATE TRIGGER cred_ins AFTER INSERT ON credentials BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    CREATE TRIGGER cred_upd AFTER UPDATE ON credentials BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    CREATE TRIGGER cred_del AFTER DELETE ON credentials BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def connect(path: Path, *, readonly: bool = False, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """Open the database with the settings every connection needs (WAL, busy timeout, foreign keys)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply every migration newer than the file's user_version, each in its own transaction."""
+    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        from gateway.errors import StoreError
+
+        raise StoreError(f"database schema {version} is newer than this Bosun ({SCHEMA_VERSION}): upgrade Bosun")
+    for index in range(version, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # re-read inside the lock: another process may have migrated meanwhile
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > index:
+                conn.execute("COMMIT")
+                continue
+            for statement in _statements(MIGRATIONS[index]):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {index + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would commit our transaction)."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out

@@ -1,0 +1,1 @@
+"""Bosun's web UI and JSON API (Litestar)."""

@@ -1,0 +1,35 @@
+"""The Litestar app, assembled in one factory around a running Gateway."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+
+from gateway import __version__
+from webui.auth import guard
+from webui.errors import handlers
+from webui.routes.data import list_events, list_traffic
+from webui.routes.devices import DeviceController, read_command
+from webui.routes.system import healthz, metrics
+
+__all__ = ["create_app"]
+
+
+def create_app(gateway: Any) -> Litestar:
+    return Litestar(
+        route_handlers=[healthz, metrics, DeviceController, read_command, list_events, list_traffic],
+        guards=[guard],
+        exception_handlers=handlers,
+        state=State({"gateway": gateway}),
+        # offline appliance: the schema as JSON only, no UI whose assets come from a CDN
+        openapi_config=OpenAPIConfig(
+            title="Bosun gateway API", version=__version__, path="/schema",
+            render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"])],
+        ),
+        logging_config=None,
+        debug=False,
+    )
