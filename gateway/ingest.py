@@ -120,7 +120,7 @@ class Ingest:
         )
         if error is not None or parsed is None:
             return lambda conn: _insert_traffic(conn, traffic)
-        self._presence.seen(parsed.device_id, msg.received_at)
+        self._presence.seen(parsed.device_id, msg.received_at, transition=action != "availability")
         route = _ROUTES.get(action, _telemetry if not action.startswith("cmd") else None)
         device_id, received_at, dtopic = parsed.device_id, msg.received_at, parsed
 

@@ -51,11 +51,11 @@ class Presence:
     def is_online(self, device_id: str) -> bool:
         return device_id in self._online
 
-    def seen(self, device_id: str, ts: float) -> None:
-        """Any message from a device: it is alive."""
+    def seen(self, device_id: str, ts: float, transition: bool = True) -> None:
+        """Any message from a device: it is alive (`availability` decides its own transition)."""
         self._last_seen[device_id] = ts
         self._dirty.add(device_id)
-        if device_id not in self._online:
+        if transition and device_id not in self._online:
             self._online.add(device_id)  # optimistic, so a burst queues one transition
             self._transition(device_id, True, ts, "message")
 

@@ -196,6 +196,17 @@ class GatewayBroker(Broker):
         self._count_connected()
         await super()._client_message_loop(client_session, handler)
 
+    async def _stop_handler(self, handler: BrokerProtocolHandler) -> None:
+        # Close the socket before stock stop() cancels the reader: on Python 3.11, asyncio.wait_for swallows
+        # a cancellation that lands while its read completes (bpo-42130), so under load the reader kept
+        # running and shutdown hung. A closed socket ends the reader with EOF whatever the timing.
+        if handler.writer is not None:
+            try:
+                await asyncio.wait_for(handler.writer.close(), 2)
+            except (TimeoutError, OSError):
+                log.debug("closing %s's socket timed out", handler.session.client_id if handler.session else "?")
+        await super()._stop_handler(handler)
+
     async def _cleanup_session(self, client_id: str) -> None:
         # at shutdown: what a client already sent is ingested before its session goes away
         entry = self._sessions.get(client_id)
