@@ -22,7 +22,8 @@ def _prefix(principal: Principal, root: str) -> str:
 def may_publish(principal: Principal, topic: str, root: str) -> bool:
     if principal.kind == "device":
         prefix = _prefix(principal, root)
-        return topic.startswith(prefix) and len(topic) > len(prefix) and not topic.startswith(prefix + "cmd/")
+        action = topic[len(prefix):]
+        return topic.startswith(prefix) and action != "" and action != "cmd" and not action.startswith("cmd/")
     if any(filter_matches(p, topic) for p in principal.deny):
         return False
     return any(filter_matches(p, topic) for p in principal.write)

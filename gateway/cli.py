@@ -197,21 +197,34 @@ def device_list(config_path: str | None, data_dir: str | None, site: str | None,
 def device_import(config_path: str | None, data_dir: str | None, csv_file: str, credentials_out: str | None) -> None:
     """Import an installer's room list: CSV columns device_id, site, room, type, password (may be empty)."""
     cfg = _load(config_path, data_dir=data_dir)
+    out = None
+    if credentials_out:
+        # opened before the import commits: if it cannot be written, nothing is registered
+        try:
+            fd = os.open(credentials_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {credentials_out}: {exc.strerror}") from None
+        os.fchmod(fd, 0o600)  # an existing file keeps its old mode otherwise
+        out = os.fdopen(fd, "w")
     started = time.perf_counter()
-    result = _db(cfg, lambda c: registry.import_devices(c, Path(csv_file), actor="cli"))
+    try:
+        result = _db(cfg, lambda c: registry.import_devices(c, Path(csv_file), actor="cli"))
+    except BaseException:
+        if out is not None:
+            out.close()
+            os.unlink(credentials_out)  # type: ignore[arg-type]
+        raise
     elapsed = time.perf_counter() - started
     generated = [(d, p) for d, p in result if p is not None]
-    if generated:
-        if credentials_out:
-            fd = os.open(credentials_out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as out:
-                out.write("device_id,password\n")
-                out.writelines(f"{d},{p}\n" for d, p in generated)
-            click.echo(f"generated passwords written to {credentials_out} (mode 600)")
-        else:
-            click.echo("device_id,password")
-            for d, p in generated:
-                click.echo(f"{d},{p}")
+    if out is not None:
+        with out:
+            out.write("device_id,password\n")
+            out.writelines(f"{d},{p}\n" for d, p in generated)
+        click.echo(f"generated passwords written to {credentials_out} (mode 600)")
+    elif generated:
+        click.echo("device_id,password")
+        for d, p in generated:
+            click.echo(f"{d},{p}")
     click.echo(f"imported {len(result)} device(s) in {elapsed:.2f} s", err=True)
 
 

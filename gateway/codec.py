@@ -18,6 +18,9 @@ _CAMEL_1 = re.compile(r"(.)([A-Z][a-z]+)")
 _CAMEL_2 = re.compile(r"([a-z0-9])([A-Z])")
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _INT = re.compile(r"[+-]?\d+")
+_NOT_A_NUMBER = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+# identifiers that look like numbers stay text: firmware "1.10" is not 1.1, serial "007" is not 7
+_KEEP_TEXT = re.compile(r"(.*_)?(version|id|serial|mac|sku|code)$")
 
 
 def snake_case(name: str) -> str:
@@ -35,13 +38,14 @@ def decode(data: bytes, msgpack_payload: bool = False) -> Any:
     if msgpack_payload:
         try:
             return msgpack.unpackb(data, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            # TypeError: a map key that is itself a map or an array (unhashable)
             raise PayloadError("bad_msgpack", str(exc)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise PayloadError("not_utf8", "payload is not UTF-8 text") from None
-    stripped = text.strip()
+    stripped = text.strip().lstrip("\ufeff")
     if stripped[:1] in ("{", "["):
         try:
             return json.loads(stripped)
@@ -71,20 +75,31 @@ def to_number(value: Any) -> int | float | None:
     return None
 
 
-def normalize(value: Any, depth: int = 0) -> Any:
+def normalize(value: Any, depth: int = 0, key: str = "") -> Any:
     """Seed 002's rules: empty strings -> None, numeric strings -> numbers, invalid numbers -> None,
-    camelCase keys -> snake_case. Applied recursively (to a bounded depth)."""
+    camelCase keys -> snake_case. Applied recursively (to a bounded depth). Values of identifier keys
+    (`*_version`, `*_id`, serial, mac...) stay text."""
     if depth > 32:
         return None
     if isinstance(value, dict):
-        return {snake_case(str(k)): normalize(v, depth + 1) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            name = snake_case(str(k))
+            out[name] = normalize(v, depth + 1, name)
+        return out
     if isinstance(value, list):
-        return [normalize(v, depth + 1) for v in value]
+        return [normalize(v, depth + 1, key) for v in value]
     if isinstance(value, str):
-        if not value.strip():
+        text = value.strip()
+        if not text:
             return None
-        number = to_number(value)
-        return number if number is not None else value
+        if key and _KEEP_TEXT.fullmatch(key):
+            return value
+        if text.lower() in _NOT_A_NUMBER:
+            return None
+        if _NUMBER.fullmatch(text):
+            return to_number(text)  # None when it overflows to infinity: an invalid number
+        return value
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, bytes):

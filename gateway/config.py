@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from gateway.errors import ConfigError
+from gateway.topics import valid_filter
 
 __all__ = ["Config", "load", "describe"]
 
@@ -172,6 +173,14 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{section}.{key}: expected a positive integer, got {value}")
     if cfg.store.traffic_payload_bytes < 0:
         raise ConfigError("store.traffic_payload_bytes: expected 0 or more")
+    if cfg.mqtt.max_connections == 0 or cfg.mqtt.max_connections < -1:
+        raise ConfigError(f"mqtt.max_connections: expected a positive integer or -1 (unlimited), "
+                          f"got {cfg.mqtt.max_connections}")
+    for key in ("anonymous_publish", "anonymous_subscribe", "anonymous_deny"):
+        for pattern in getattr(cfg.mqtt, key):
+            if not valid_filter(pattern):
+                raise ConfigError(f"mqtt.{key}: {pattern!r} is not an MQTT topic filter ('#' only as a whole last "
+                                  "level, '+' only as a whole level)")
     if not cfg.gateway.data_dir:
         raise ConfigError("gateway.data_dir: expected a directory path, got an empty string")
 
@@ -185,9 +194,13 @@ def load(
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            raw = tomllib.loads(Path(path).read_text())
+            raw = tomllib.loads(Path(path).read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (TOML files are UTF-8)") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     env = environ if environ is not None else {}
@@ -195,6 +208,15 @@ def load(
     for name in raw:
         if name not in sections:
             raise ConfigError(f"{name}: unknown section (known: {', '.join(sections)})")
+    for name in env:
+        # a typo in a variable for a known section must not be silently ignored
+        for sname, stype in sections.items():
+            prefix = f"BOSUN_{sname.upper()}_"
+            if name.startswith(prefix):
+                keys = {f.name.upper() for f in dataclasses.fields(stype)}
+                if name[len(prefix):] not in keys:
+                    raise ConfigError(f"{name}: unknown setting (known in [{sname}]: "
+                                      f"{', '.join(sorted(k.lower() for k in keys))})")
     built: dict[str, Any] = {}
     for sname, stype in sections.items():
         table = raw.get(sname, {})

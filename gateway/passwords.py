@@ -39,7 +39,10 @@ def token_hash(token: str) -> str:
 
 
 def entropy_bits(password: str) -> float:
-    """An upper bound on a password's entropy: length x log2(size of the character classes it uses)."""
+    """An estimate of a password's entropy: length x log2(size of the character classes it uses), and 0 for
+    strings with fewer than 12 distinct characters (repetition is not randomness: 'a' * 40 is not a secret)."""
+    if len(set(password)) < 12:
+        return 0.0
     pool = 0
     if any(c in string.ascii_lowercase for c in password):
         pool += 26
@@ -73,7 +76,7 @@ def verify(stored: str, candidate: str) -> bool:
         except ValueError:
             return False
         computed = hashlib.sha256(salt + candidate.encode()).hexdigest()
-        return hmac.compare_digest(computed, digest)
+        return hmac.compare_digest(computed.encode(), digest.encode())
     if stored.startswith("$argon2"):
         try:
             return _ARGON.verify(stored, candidate)

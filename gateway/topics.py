@@ -95,6 +95,8 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
 
 def filter_covers(outer: str, inner: str) -> bool:
     """Is every topic matched by filter `inner` also matched by filter `outer`? (used for SUBSCRIBE ACLs)"""
+    if inner.startswith("$") and outer[:1] in ("+", "#"):
+        return False  # MQTT 3.1.1 section 4.7.2: a leading wildcard matches no `$` topic
     olevels = outer.split("/")
     ilevels = inner.split("/")
     for index, level in enumerate(olevels):

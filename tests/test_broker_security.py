@@ -157,3 +157,34 @@ async def test_integration_account_is_limited_to_its_patterns(gateway: Running, 
 
 def test_paho_helper_is_importable() -> None:
     assert Paho
+
+
+async def test_retained_messages_respect_the_acl(gateway: Running, paho_clients) -> None:
+    """MQTT 3.1.1 section 3.3.1.3: a new subscription gets the retained messages it matches, and only those
+    its ACL allows; stock amqtt sent every client the retained messages of everyone's filters."""
+    from gateway.store import registry
+
+    await gateway.gw.writer.run(lambda c: registry.add_integration(
+        c, "dash", "dashboard-password", ["bosun/#"], [], "test"))
+    await gateway.gw.accounts.refresh()
+    dash = paho_clients(gateway.mqtt_port, "dash-1", "dash", "dashboard-password")
+    await asyncio.to_thread(dash.connect)
+    await asyncio.to_thread(dash.subscribe, "bosun/#")  # someone holds a broad filter
+
+    p1 = await gateway.add_device("btn-1")
+    p2 = await gateway.add_device("btn-2")
+    one = paho_clients(gateway.mqtt_port, "btn-1", "btn-1", p1)
+    await asyncio.to_thread(one.connect)
+    await asyncio.to_thread(one.publish, topic("btn-1", "availability"), "online", 1, True)
+
+    two = paho_clients(gateway.mqtt_port, "btn-2", "btn-2", p2)
+    await asyncio.to_thread(two.connect)
+    await asyncio.to_thread(two.subscribe, topic("btn-2", "cmd/#"))
+    await asyncio.sleep(0.5)
+    assert two.messages == [], [m.topic for m in two.messages]
+
+    late = paho_clients(gateway.mqtt_port, "dash-2", "dash", "dashboard-password")
+    await asyncio.to_thread(late.connect)
+    await asyncio.to_thread(late.subscribe, "bosun/+/+/+/+/availability")
+    assert await asyncio.to_thread(late.got_message.wait, 5)
+    assert [(m.topic, m.retain) for m in late.messages] == [(topic("btn-1", "availability"), True)]

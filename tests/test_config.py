@@ -359,11 +359,6 @@ def test_errors_are_not_chained_to_library_exceptions(tmp_path: Path) -> None:
     assert info.value.__suppress_context__
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load() reads the file with Path.read_text() and translates only FileNotFoundError and "
-    "TOMLDecodeError: a directory (IsADirectoryError) or a non-UTF-8 file (UnicodeDecodeError) escape raw",
-)
 @pytest.mark.parametrize("kind", ["directory", "latin-1"])
 def test_unreadable_file_is_a_config_error(tmp_path: Path, kind: str) -> None:
     if kind == "directory":
@@ -376,21 +371,11 @@ def test_unreadable_file_is_a_config_error(tmp_path: Path, kind: str) -> None:
     assert str(path) in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mqtt.max_connections is not validated: any negative value other than -1 (the documented "
-    "'unlimited') is accepted",
-)
 def test_max_connections_below_minus_one_is_rejected() -> None:
     with pytest.raises(ConfigError, match=r"mqtt\.max_connections"):
         config.load(None, {}, {"mqtt.max_connections": -7})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mqtt.anonymous_* patterns are not checked with topics.valid_filter (the registry checks "
-    "integration patterns); a malformed deny pattern such as 'bosun#' silently denies nothing",
-)
 @pytest.mark.parametrize("key", ["anonymous_publish", "anonymous_subscribe", "anonymous_deny"])
 def test_anonymous_patterns_must_be_valid_filters(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"mqtt\.{key}"):

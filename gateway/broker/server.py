@@ -29,6 +29,7 @@ from gateway.broker.security import Gatekeeper, principal_of
 from gateway.config import MqttSection
 from gateway.ingest import Ingest, Message
 from gateway.metrics import Metrics
+from gateway.topics import filter_matches
 
 __all__ = ["GatewayBroker", "broker_config", "bound_port"]
 
@@ -195,6 +196,29 @@ class GatewayBroker(Broker):
     async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         self._count_connected()
         await super()._client_message_loop(client_session, handler)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Session) -> None:
+        """Retained messages for a filter the session holds, each checked against its ACL.
+
+        Stock calls this at connect for every filter any client holds and sends matches without an ACL
+        check, so one device could read another's retained topics (MQTT 3.1.1 section 3.3.1.3 sends only
+        what the new subscription matches).
+        """
+        topic_filter = subscription[0]
+        granted = [qos for s, qos in self._subscriptions.get(topic_filter, ()) if s.client_id == session.client_id]
+        handler = self._get_handler(session)
+        if not granted or handler is None:
+            return
+        sends = [
+            asyncio.ensure_future(handler.mqtt_publish(
+                topic, retained.data, min(granted[0], granted[0] if retained.qos is None else retained.qos),
+                retain=True))
+            for topic, retained in list(self._retained_messages.items())
+            if filter_matches(topic_filter, topic) and self._gate.allowed(session, topic, Action.RECEIVE)
+        ]
+        if sends:
+            await asyncio.wait(sends)
 
     async def _stop_handler(self, handler: BrokerProtocolHandler) -> None:
         # Close the socket before stock stop() cancels the reader: on Python 3.11, asyncio.wait_for swallows

@@ -114,11 +114,11 @@ def import_devices(conn: sqlite3.Connection, path: Path, actor: str) -> list[tup
         missing = needed - set(reader.fieldnames or [])
         if missing:
             raise RegistryError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-        rows = list(reader)
+        rows = [(reader.line_num, row) for row in reader]  # line_num counts blank lines, enumerate would not
     now = time.time()
     seen: set[str] = set()
     device_rows, cred_rows, out = [], [], []
-    for line, raw in enumerate(rows, start=2):
+    for line, raw in rows:
         new = NewDevice(
             device_id=(raw.get("device_id") or "").strip(), site=(raw.get("site") or "").strip(),
             room=(raw.get("room") or "").strip(), type=(raw.get("type") or "").strip(),
