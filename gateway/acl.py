@@ -10,7 +10,7 @@ from __future__ import annotations
 from gateway.models import Principal
 from gateway.topics import device_prefix, filter_covers, filter_matches
 
-__all__ = ["may_publish", "may_subscribe", "may_receive", "explain"]
+__all__ = ["explain", "may_publish", "may_receive", "may_subscribe"]
 
 
 def _prefix(principal: Principal, root: str) -> str:
@@ -22,7 +22,7 @@ def _prefix(principal: Principal, root: str) -> str:
 def may_publish(principal: Principal, topic: str, root: str) -> bool:
     if principal.kind == "device":
         prefix = _prefix(principal, root)
-        action = topic[len(prefix):]
+        action = topic[len(prefix) :]
         return topic.startswith(prefix) and action != "" and action != "cmd" and not action.startswith("cmd/")
     if any(filter_matches(p, topic) for p in principal.deny):
         return False
@@ -49,5 +49,7 @@ def explain(principal: Principal, action: str, topic: str, root: str) -> str:
     """A sentence saying which rule decided, for logs (and later the ACL simulator)."""
     if principal.kind == "device":
         return f"device {principal.name} may publish under {_prefix(principal, root)} and read its cmd/#"
-    return f"{principal.kind} {principal.name}: read {list(principal.read)}, write {list(principal.write)}, " \
-           f"deny {list(principal.deny)}"
+    return (
+        f"{principal.kind} {principal.name}: read {list(principal.read)}, write {list(principal.write)}, "
+        f"deny {list(principal.deny)}"
+    )

@@ -17,6 +17,7 @@ import click
 
 from gateway import __version__, config
 from gateway.errors import BosunError
+from gateway.models import DeviceRow
 from gateway.store import registry
 from gateway.store.schema import connect, migrate
 
@@ -26,8 +27,12 @@ log = logging.getLogger("bosun")
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--data-dir", type=click.Path(file_okay=False), help="Data directory (overrides the config).")(fn)
-    fn = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                      help="TOML config file; BOSUN_<SECTION>_<KEY> variables override it.")(fn)
+    fn = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        help="TOML config file; BOSUN_<SECTION>_<KEY> variables override it.",
+    )(fn)
     return fn
 
 
@@ -76,8 +81,13 @@ def main() -> None:
 @click.option("--mqtt-port", type=int, help="MQTT port (0 picks a free one).")
 @click.option("--http-port", type=int, help="HTTP port (0 picks a free one).")
 @click.option("--bind", help="Address for both listeners, e.g. 127.0.0.1.")
-def run(config_path: str | None, data_dir: str | None, mqtt_port: int | None, http_port: int | None,
-        bind: str | None) -> None:
+def run(
+    config_path: str | None,
+    data_dir: str | None,
+    mqtt_port: int | None,
+    http_port: int | None,
+    bind: str | None,
+) -> None:
     """Start the gateway and serve until SIGTERM or Ctrl-C."""
     cfg = _load(config_path, data_dir=data_dir, mqtt_port=mqtt_port, http_port=http_port, bind=bind)
     from gateway import logs
@@ -155,8 +165,16 @@ def device() -> None:
 @click.option("--type", "type_", required=True, type=click.Choice(registry.DEVICE_TYPES))
 @click.option("--name", help="A display name.")
 @click.option("--password", help="Use this secret (>= 128 bits) instead of a generated one.")
-def device_add(config_path: str | None, data_dir: str | None, device_id: str, site: str, room: str, type_: str,
-               name: str | None, password: str | None) -> None:
+def device_add(
+    config_path: str | None,
+    data_dir: str | None,
+    device_id: str,
+    site: str,
+    room: str,
+    type_: str,
+    name: str | None,
+    password: str | None,
+) -> None:
     """Register DEVICE_ID; prints its MQTT credentials once (username = device id)."""
     cfg = _load(config_path, data_dir=data_dir)
     new = registry.NewDevice(device_id, site, room, type_, password, name)
@@ -172,8 +190,9 @@ def device_add(config_path: str | None, data_dir: str | None, device_id: str, si
 @click.option("--site")
 @click.option("--room")
 @click.option("--type", "type_")
-def device_list(config_path: str | None, data_dir: str | None, site: str | None, room: str | None,
-                type_: str | None) -> None:
+def device_list(
+    config_path: str | None, data_dir: str | None, site: str | None, room: str | None, type_: str | None
+) -> None:
     """List registered devices."""
     from rich.console import Console
     from rich.table import Table
@@ -183,8 +202,16 @@ def device_list(config_path: str | None, data_dir: str | None, site: str | None,
     table = Table("device", "site", "room", "type", "online", "battery", "last seen", "disabled")
     for r in rows:
         seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.last_seen)) if r.last_seen else "-"
-        table.add_row(r.device_id, r.site, r.room, r.type, "yes" if r.online else "no",
-                      "-" if r.battery is None else f"{r.battery:g}", seen, "yes" if r.disabled else "")
+        table.add_row(
+            r.device_id,
+            r.site,
+            r.room,
+            r.type,
+            "yes" if r.online else "no",
+            "-" if r.battery is None else f"{r.battery:g}",
+            seen,
+            "yes" if r.disabled else "",
+        )
     Console().print(table)
     click.echo(f"{len(rows)} device(s)")
 
@@ -192,8 +219,11 @@ def device_list(config_path: str | None, data_dir: str | None, site: str | None,
 @device.command("import")
 @_common
 @click.argument("csv_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--credentials-out", type=click.Path(dir_okay=False),
-              help="Write generated passwords here (CSV) instead of printing them.")
+@click.option(
+    "--credentials-out",
+    type=click.Path(dir_okay=False),
+    help="Write generated passwords here (CSV) instead of printing them.",
+)
 def device_import(config_path: str | None, data_dir: str | None, csv_file: str, credentials_out: str | None) -> None:
     """Import an installer's room list: CSV columns device_id, site, room, type, password (may be empty)."""
     cfg = _load(config_path, data_dir=data_dir)
@@ -239,8 +269,14 @@ def integration() -> None:
 @click.option("--password", required=True, help="At least 12 characters.")
 @click.option("--read", "read", multiple=True, required=True, help="Topic filter it may subscribe to (repeatable).")
 @click.option("--write", "write", multiple=True, help="Topic filter it may publish to (repeatable).")
-def integration_add(config_path: str | None, data_dir: str | None, name: str, password: str, read: tuple[str, ...],
-                    write: tuple[str, ...]) -> None:
+def integration_add(
+    config_path: str | None,
+    data_dir: str | None,
+    name: str,
+    password: str,
+    read: tuple[str, ...],
+    write: tuple[str, ...],
+) -> None:
     """Create an MQTT account limited to the given patterns."""
     cfg = _load(config_path, data_dir=data_dir)
     _db(cfg, lambda c: registry.add_integration(c, name, password, list(read), list(write), actor="cli"))
@@ -299,8 +335,18 @@ def db_check(config_path: str | None, data_dir: str | None) -> None:
 
     def check(conn: sqlite3.Connection) -> tuple[str, dict[str, int], int]:
         result = conn.execute("PRAGMA integrity_check").fetchone()[0]
-        tables = ["devices", "credentials", "users", "api_tokens", "measurements", "events", "traffic", "commands",
-                  "audit_log", "outbox"]
+        tables = [
+            "devices",
+            "credentials",
+            "users",
+            "api_tokens",
+            "measurements",
+            "events",
+            "traffic",
+            "commands",
+            "audit_log",
+            "outbox",
+        ]
         counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
         return result, counts, conn.execute("PRAGMA user_version").fetchone()[0]
 
@@ -336,14 +382,31 @@ def config_show(config_path: str | None, data_dir: str | None) -> None:
 @click.option("--mqtt-port", type=int, help="Gateway MQTT port (default: from the config).")
 @click.option("--http-port", type=int, help="Gateway HTTP port for its figures (default: from the config).")
 @click.option("--site", default="sim", show_default=True)
-def simulate(config_path: str | None, data_dir: str | None, count: int, rate: float, duration: float, host: str,
-             mqtt_port: int | None, http_port: int | None, site: str) -> None:
+def simulate(
+    config_path: str | None,
+    data_dir: str | None,
+    count: int,
+    rate: float,
+    duration: float,
+    host: str,
+    mqtt_port: int | None,
+    http_port: int | None,
+    site: str,
+) -> None:
     """Run N real MQTT devices (buttons, watches, sensors, repeaters) against a running gateway."""
     from gateway.simulate import Plan, run_simulation
 
     cfg = _load(config_path, data_dir=data_dir, mqtt_port=mqtt_port, http_port=http_port)
-    plan = Plan(count=count, rate=rate, duration=duration, host=host, mqtt_port=cfg.mqtt.port,
-                http_port=cfg.http.port, site=site, root=cfg.mqtt.root)
+    plan = Plan(
+        count=count,
+        rate=rate,
+        duration=duration,
+        host=host,
+        mqtt_port=cfg.mqtt.port,
+        http_port=cfg.http.port,
+        site=site,
+        root=cfg.mqtt.root,
+    )
     credentials = _db(cfg, lambda c: _sim_devices(c, plan))
     try:
         asyncio.run(run_simulation(plan, credentials))
@@ -351,7 +414,7 @@ def simulate(config_path: str | None, data_dir: str | None, count: int, rate: fl
         raise click.ClickException(f"cannot reach the gateway at {host}:{cfg.mqtt.port}: {exc}") from None
 
 
-def _sim_devices(conn: sqlite3.Connection, plan: Any) -> list[tuple[registry.DeviceRow, str]]:
+def _sim_devices(conn: sqlite3.Connection, plan: Any) -> list[tuple[DeviceRow, str]]:
     """Simulated devices get real registry credentials; re-runs reset their secrets."""
     from gateway import passwords
 
@@ -364,10 +427,13 @@ def _sim_devices(conn: sqlite3.Connection, plan: Any) -> list[tuple[registry.Dev
         try:
             row = registry.get_device(conn, device_id)
             secret = passwords.generate_secret()
-            conn.execute("UPDATE credentials SET secret_hash = ? WHERE username = ?",
-                         (passwords.hash_secret(secret), device_id))
+            conn.execute(
+                "UPDATE credentials SET secret_hash = ? WHERE username = ?",
+                (passwords.hash_secret(secret), device_id),
+            )
         except BosunError:
-            row, secret = registry.add_device(conn, registry.NewDevice(device_id, plan.site, room, type_),
-                                              actor="simulate")
+            row, secret = registry.add_device(
+                conn, registry.NewDevice(device_id, plan.site, room, type_), actor="simulate"
+            )
         out.append((row, secret))
     return out

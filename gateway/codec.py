@@ -12,7 +12,7 @@ import msgpack
 
 from gateway.errors import PayloadError
 
-__all__ = ["decode", "normalize", "snake_case", "extract_metrics", "parse_time", "to_number"]
+__all__ = ["decode", "extract_metrics", "normalize", "parse_time", "snake_case", "to_number"]
 
 _CAMEL_1 = re.compile(r"(.)([A-Z][a-z]+)")
 _CAMEL_2 = re.compile(r"([a-z0-9])([A-Z])")

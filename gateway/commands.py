@@ -14,7 +14,7 @@ from gateway.store.registry import get_device
 from gateway.store.writer import Writer
 from gateway.topics import command_topic, valid_segment
 
-__all__ = ["Commands", "CommandRow", "COMMAND_NAMES"]
+__all__ = ["COMMAND_NAMES", "CommandRow", "Commands"]
 
 COMMAND_NAMES = ("reset", "config", "identify", "notify", "ota")
 
@@ -78,10 +78,14 @@ class Commands:
 
         def mark_sent(conn: Any) -> CommandRow:
             # an ack may already have arrived: only a pending command becomes 'sent'
-            conn.execute("UPDATE commands SET sent_at = ?, status = CASE status WHEN 'pending' THEN 'sent' "
-                         "ELSE status END WHERE command_id = ?", (sent_at, command_id))
-            return command_row(conn.execute(f"SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = ?",
-                                            (command_id,)).fetchone())
+            conn.execute(
+                "UPDATE commands SET sent_at = ?, status = CASE status WHEN 'pending' THEN 'sent' "
+                "ELSE status END WHERE command_id = ?",
+                (sent_at, command_id),
+            )
+            return command_row(
+                conn.execute(f"SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = ?", (command_id,)).fetchone()
+            )
 
         result: CommandRow = await self._writer.run(mark_sent)
         return result

@@ -13,12 +13,12 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 from gateway.errors import ConfigError
 from gateway.topics import valid_filter
 
-__all__ = ["Config", "load", "describe"]
+__all__ = ["Config", "describe", "load"]
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -127,7 +127,11 @@ def _coerce(name: str, tp: Any, value: Any, from_env: bool) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if from_env and isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if (
+            from_env
+            and isinstance(value, str)
+            and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off")
+        ):
             return value.lower() in ("1", "true", "yes", "on")
         raise bad
     if tp is int:
@@ -163,9 +167,15 @@ def _validate(cfg: Config) -> None:
     if cfg.gateway.id and not _SEGMENT.fullmatch(cfg.gateway.id):
         raise ConfigError(f"gateway.id: expected 1-64 characters of [A-Za-z0-9_-], got {cfg.gateway.id!r}")
     positive = [
-        ("store", "flush_ms"), ("store", "batch_rows"), ("store", "queue_max"), ("store", "max_db_mb"),
-        ("store", "traffic_rows"), ("store", "retention_check_s"), ("presence", "timeout_s"),
-        ("presence", "check_s"), ("mqtt", "max_payload"),
+        ("store", "flush_ms"),
+        ("store", "batch_rows"),
+        ("store", "queue_max"),
+        ("store", "max_db_mb"),
+        ("store", "traffic_rows"),
+        ("store", "retention_check_s"),
+        ("presence", "timeout_s"),
+        ("presence", "check_s"),
+        ("mqtt", "max_payload"),
     ]
     for section, key in positive:
         value = getattr(getattr(cfg, section), key)
@@ -174,13 +184,16 @@ def _validate(cfg: Config) -> None:
     if cfg.store.traffic_payload_bytes < 0:
         raise ConfigError("store.traffic_payload_bytes: expected 0 or more")
     if cfg.mqtt.max_connections == 0 or cfg.mqtt.max_connections < -1:
-        raise ConfigError(f"mqtt.max_connections: expected a positive integer or -1 (unlimited), "
-                          f"got {cfg.mqtt.max_connections}")
+        raise ConfigError(
+            f"mqtt.max_connections: expected a positive integer or -1 (unlimited), got {cfg.mqtt.max_connections}"
+        )
     for key in ("anonymous_publish", "anonymous_subscribe", "anonymous_deny"):
         for pattern in getattr(cfg.mqtt, key):
             if not valid_filter(pattern):
-                raise ConfigError(f"mqtt.{key}: {pattern!r} is not an MQTT topic filter ('#' only as a whole last "
-                                  "level, '+' only as a whole level)")
+                raise ConfigError(
+                    f"mqtt.{key}: {pattern!r} is not an MQTT topic filter ('#' only as a whole last "
+                    "level, '+' only as a whole level)"
+                )
     if not cfg.gateway.data_dir:
         raise ConfigError("gateway.data_dir: expected a directory path, got an empty string")
 
@@ -214,9 +227,10 @@ def load(
             prefix = f"BOSUN_{sname.upper()}_"
             if name.startswith(prefix):
                 keys = {f.name.upper() for f in dataclasses.fields(stype)}
-                if name[len(prefix):] not in keys:
-                    raise ConfigError(f"{name}: unknown setting (known in [{sname}]: "
-                                      f"{', '.join(sorted(k.lower() for k in keys))})")
+                if name[len(prefix) :] not in keys:
+                    raise ConfigError(
+                        f"{name}: unknown setting (known in [{sname}]: {', '.join(sorted(k.lower() for k in keys))})"
+                    )
     built: dict[str, Any] = {}
     for sname, stype in sections.items():
         table = raw.get(sname, {})
@@ -254,6 +268,8 @@ def describe() -> list[tuple[str, str, Any, str]]:
     rows = []
     for sname, stype in _sections().items():
         for f in dataclasses.fields(stype):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default: Any = f.default
+            if default is dataclasses.MISSING:
+                default = f.default_factory()  # type: ignore[operator]
             rows.append((f"BOSUN_{sname.upper()}_{f.name.upper()}", f"{sname}.{f.name}", default, f.metadata["help"]))
     return rows

@@ -1,18 +1,24 @@
 """Bosun's exception hierarchy; library exceptions are translated to these at the boundary.
 
-    BosunError
-      ConfigError        a setting is missing or malformed; the message names the key
-      StoreError         the database refused a write or is not what we expect
-      RegistryError      a device, user, token or integration request is invalid
-        NotFound         the named thing does not exist
-        Conflict         it already exists
-      TopicError         a topic does not follow the device protocol (has a counted `reason`)
-      PayloadError       a payload cannot be decoded (has a counted `reason`)
+BosunError
+  ConfigError        a setting is missing or malformed; the message names the key
+  StoreError         the database refused a write or is not what we expect
+  RegistryError      a device, user, token or integration request is invalid
+    NotFound         the named thing does not exist
+    Conflict         it already exists
+  TopicError         a topic does not follow the device protocol (has a counted `reason`)
+  PayloadError       a payload cannot be decoded (has a counted `reason`)
 """
 
 __all__ = [
-    "BosunError", "ConfigError", "StoreError", "RegistryError", "NotFound", "Conflict", "TopicError",
+    "BosunError",
+    "ConfigError",
+    "Conflict",
+    "NotFound",
     "PayloadError",
+    "RegistryError",
+    "StoreError",
+    "TopicError",
 ]
 
 

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import sqlite3
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,8 +114,15 @@ class Ingest:
         if error is not None:
             self._drop(error, msg, f"{len(msg.payload)} bytes")
         traffic = (
-            msg.received_at, "in", msg.client_id, msg.topic, msg.qos, int(msg.retain), len(msg.payload),
-            bytes(msg.payload[: self._keep]), error,
+            msg.received_at,
+            "in",
+            msg.client_id,
+            msg.topic,
+            msg.qos,
+            int(msg.retain),
+            len(msg.payload),
+            bytes(msg.payload[: self._keep]),
+            error,
         )
         if error is not None or parsed is None:
             return lambda conn: _insert_traffic(conn, traffic)
@@ -128,7 +134,8 @@ class Ingest:
             _insert_traffic(conn, traffic)
             if route is None:
                 return []
-            return route(conn, dtopic, device_id, body, received_at, self)
+            result: list[tuple[str, dict[str, Any]]] = route(conn, dtopic, device_id, body, received_at, self)
+            return result
 
         return op
 
@@ -154,8 +161,9 @@ def _device_ts(body: Any, received_at: float) -> float:
 Route = Any
 
 
-def _status(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
-            ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+def _status(
+    conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float, ingest: Ingest
+) -> list[tuple[str, dict[str, Any]]]:
     body = body if isinstance(body, dict) else {}
     battery = codec.to_number(body.get("battery"))
     signal = codec.to_number(body.get("signal_strength", body.get("rssi", body.get("signal"))))
@@ -163,19 +171,28 @@ def _status(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, bod
     conn.execute(
         "UPDATE devices SET battery = coalesce(?, battery), signal = coalesce(?, signal), "
         "firmware = coalesce(?, firmware), status_json = ?, last_seen = ? WHERE device_id = ?",
-        (battery, signal, None if firmware is None else str(firmware), json.dumps(body, default=str), now, device_id),
+        (
+            battery,
+            signal,
+            None if firmware is None else str(firmware),
+            json.dumps(body, default=str),
+            now,
+            device_id,
+        ),
     )
     return [("device.status", {"device_id": device_id, "battery": battery, "signal": signal})]
 
 
-def _heartbeat(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
-               ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+def _heartbeat(
+    conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float, ingest: Ingest
+) -> list[tuple[str, dict[str, Any]]]:
     # last_seen is kept in memory by Presence and flushed in batches: a heartbeat costs only its traffic row
     return []
 
 
-def _availability(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
-                  ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+def _availability(
+    conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float, ingest: Ingest
+) -> list[tuple[str, dict[str, Any]]]:
     state = str(body).lower() if body is not None else ""
     if state not in ("online", "offline"):
         ingest._metrics.drops.labels("bad_availability").inc()
@@ -183,8 +200,9 @@ def _availability(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: st
     return ingest._presence.set_in_tx(conn, device_id, state == "online", now, "availability")
 
 
-def _press(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
-           ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+def _press(
+    conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float, ingest: Ingest
+) -> list[tuple[str, dict[str, Any]]]:
     body = dict(body) if isinstance(body, dict) else {}
     body.pop("device_id", None)  # the device id comes from the topic, never the payload (DESIGN)
     sequence = codec.to_number(body.get("sequence_id"))
@@ -201,15 +219,25 @@ def _press(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body
     if cur.rowcount == 0:
         ingest._metrics.drops.labels("duplicate_press").inc()
         return []
-    event = {"id": cur.lastrowid, "device_id": device_id, "type": "press", "ts": ts, "received_at": now,
-             "sequence_id": sequence_id, "site": t.site, "room": t.room, **body}
+    event = {
+        "id": cur.lastrowid,
+        "device_id": device_id,
+        "type": "press",
+        "ts": ts,
+        "received_at": now,
+        "sequence_id": sequence_id,
+        "site": t.site,
+        "room": t.room,
+        **body,
+    }
     outbox(conn, LANE_PRIORITY, "event", event, device_id)
     ingest._metrics.stored.labels("events").inc()
     return [("event.press", event)]
 
 
-def _telemetry(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
-               ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+def _telemetry(
+    conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float, ingest: Ingest
+) -> list[tuple[str, dict[str, Any]]]:
     metrics, ts = codec.extract_metrics(t.action.replace("/", "."), body)
     if not metrics:
         ingest._metrics.drops.labels("no_measurements").inc()
@@ -223,8 +251,9 @@ def _telemetry(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, 
     return []
 
 
-def _ack(conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float,
-         ingest: Ingest) -> list[tuple[str, dict[str, Any]]]:
+def _ack(
+    conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float, ingest: Ingest
+) -> list[tuple[str, dict[str, Any]]]:
     body = body if isinstance(body, dict) else {}
     command_id = body.get("command_id")
     status = body.get("status")

@@ -13,19 +13,29 @@ class Metrics:
         r = self.registry
         self.connected = Gauge("bosun_mqtt_connected_clients", "Connected MQTT clients by kind", ["kind"], registry=r)
         self.messages = Counter(
-            "bosun_mqtt_messages", "MQTT messages by protocol action and direction", ["action", "direction"],
+            "bosun_mqtt_messages",
+            "MQTT messages by protocol action and direction",
+            ["action", "direction"],
             registry=r,
         )
-        self.drops = Counter("bosun_drops", "Messages or payloads refused or dropped, by reason", ["reason"], registry=r)
-        self.auth_failures = Counter("bosun_auth_failures", "Refused MQTT connections by reason", ["reason"], registry=r)
+        self.drops = Counter(
+            "bosun_drops", "Messages or payloads refused or dropped, by reason", ["reason"], registry=r
+        )
+        self.auth_failures = Counter(
+            "bosun_auth_failures", "Refused MQTT connections by reason", ["reason"], registry=r
+        )
         self.stored = Counter("bosun_stored_rows", "Rows stored by table", ["table"], registry=r)
         self.writer_batch = Histogram(
-            "bosun_writer_batch_size", "Writes committed per group",
-            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000), registry=r,
+            "bosun_writer_batch_size",
+            "Writes committed per group",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+            registry=r,
         )
         self.writer_commit = Histogram(
-            "bosun_writer_commit_seconds", "Time to apply and commit one group",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=r,
+            "bosun_writer_commit_seconds",
+            "Time to apply and commit one group",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
         )
         self.writer_queue = Gauge("bosun_writer_queue_depth", "Writes waiting for the writer", registry=r)
         self.ingest_queue = Gauge("bosun_ingest_queue_depth", "Messages waiting in session delivery queues", registry=r)

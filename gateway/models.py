@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Device", "Principal", "ROLES", "Role", "User", "DeviceRow"]
+__all__ = ["ROLES", "Device", "DeviceRow", "Principal", "Role", "User"]
 
 Role = Literal["admin", "installer", "crew"]
 ROLES: tuple[Role, ...] = ("admin", "installer", "crew")

@@ -16,8 +16,14 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 __all__ = [
-    "generate_secret", "hash_secret", "verify", "hash_password", "entropy_bits", "MIN_DEVICE_BITS",
-    "token_hash", "generate_token",
+    "MIN_DEVICE_BITS",
+    "entropy_bits",
+    "generate_secret",
+    "generate_token",
+    "hash_password",
+    "hash_secret",
+    "token_hash",
+    "verify",
 ]
 
 MIN_DEVICE_BITS = 128

@@ -38,7 +38,9 @@ class Presence:
         self._pending: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        rows = await self._writer.run(lambda c: c.execute("SELECT device_id, online, last_seen FROM devices").fetchall())
+        rows = await self._writer.run(
+            lambda c: c.execute("SELECT device_id, online, last_seen FROM devices").fetchall()
+        )
         now = time.time()
         for device_id, online, last_seen in rows:
             # after a restart, a device's clock starts now: it gets a full timeout to say hello again
@@ -90,8 +92,16 @@ class Presence:
             "INSERT INTO events(device_id, type, ts, received_at, payload) VALUES (?, 'presence', ?, ?, ?)",
             (device_id, now, now, json.dumps(payload)),
         )
-        event = {"id": cur.lastrowid, "device_id": device_id, "type": "presence", "ts": now, "received_at": now,
-                 "site": row[1], "room": row[2], **payload}
+        event = {
+            "id": cur.lastrowid,
+            "device_id": device_id,
+            "type": "presence",
+            "ts": now,
+            "received_at": now,
+            "site": row[1],
+            "room": row[2],
+            **payload,
+        }
         outbox(conn, LANE_STATE, "event", event, device_id)
         return [("device.presence", event)]
 
@@ -151,5 +161,6 @@ class Presence:
         if self._dirty:
             rows = [(self._last_seen[d], d) for d in self._dirty]
             self._dirty.clear()
-            await self._writer.run(lambda c: c.executemany("UPDATE devices SET last_seen = ? WHERE device_id = ?", rows)
-                                   and None)
+            await self._writer.run(
+                lambda c: c.executemany("UPDATE devices SET last_seen = ? WHERE device_id = ?", rows) and None
+            )

@@ -62,8 +62,11 @@ class Retention:
                 setattr(trimmed, table, getattr(trimmed, table) + deleted)
         if trimmed.measurements:
             self._metrics.drops.labels("retention_measurements").inc(trimmed.measurements)
-            log.warning("retention: deleted %d oldest measurements to stay within %d MB",
-                        trimmed.measurements, self._cfg.max_db_mb)
+            log.warning(
+                "retention: deleted %d oldest measurements to stay within %d MB",
+                trimmed.measurements,
+                self._cfg.max_db_mb,
+            )
         return trimmed
 
     def _cap_traffic(self, conn: sqlite3.Connection) -> int:

@@ -34,7 +34,7 @@ from gateway.store.reader import Reader
 from gateway.store.writer import Writer
 from gateway.webserver import WebServer
 
-__all__ = ["Gateway", "Bootstrap"]
+__all__ = ["Bootstrap", "Gateway"]
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,9 @@ class Gateway:
         await self.retention.start()
         stack.push_async_callback(self.retention.stop)
 
-        self.broker = GatewayBroker(broker_config(self.cfg.mqtt, self.gate), self.gate, self.ingest, self.metrics,
-                                    self.cfg.mqtt)
+        self.broker = GatewayBroker(
+            broker_config(self.cfg.mqtt, self.gate), self.gate, self.ingest, self.metrics, self.cfg.mqtt
+        )
         await self.broker.start()
         stack.push_async_callback(self._stopped, "broker", self._stop_broker)
         self.accounts.on_change(self._enforce_registry)
@@ -130,8 +131,14 @@ class Gateway:
         stack.push_async_callback(self._stopped, "api", self.web.stop)
         self.state["api"] = "ok"
         self.started_at = time.time()
-        log.info("gateway %s ready: MQTT %s:%d, HTTP %s:%d", self.gateway_id, self.cfg.mqtt.bind, self.mqtt_port,
-                 self.cfg.http.bind, self.http_port)
+        log.info(
+            "gateway %s ready: MQTT %s:%d, HTTP %s:%d",
+            self.gateway_id,
+            self.cfg.mqtt.bind,
+            self.mqtt_port,
+            self.cfg.http.bind,
+            self.http_port,
+        )
 
     async def _stopped(self, name: str, stop: Any) -> None:
         self.state[name] = "stopping"

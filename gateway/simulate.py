@@ -9,6 +9,7 @@ gateway (stored rows per second, writer batch size, RSS) come from its /healthz 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -66,10 +67,20 @@ class SimDevice:
         self.prefix = f"{plan.root}/{row.site}/{row.room}/{row.type}/{row.device_id}/"
         self.sequence = int(time.time() * 1000) % 1_000_000_000  # increasing across runs
         self.battery = random.uniform(60, 100)
-        self.client = MQTTClient(client_id=row.device_id, config={
-            "keep_alive": 30, "auto_reconnect": False, "plugins": {},
-            "will": {"topic": self.prefix + "availability", "message": "offline", "qos": 1, "retain": True},
-        })
+        self.client = MQTTClient(
+            client_id=row.device_id,
+            config={
+                "keep_alive": 30,
+                "auto_reconnect": False,
+                "plugins": {},
+                "will": {
+                    "topic": self.prefix + "availability",
+                    "message": "offline",
+                    "qos": 1,
+                    "retain": True,
+                },
+            },
+        )
 
     async def _pub(self, action: str, payload: Any, qos: int, retain: bool = False) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -105,15 +116,17 @@ class SimDevice:
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
-            try:
+            with contextlib.suppress(Exception):  # the gateway may already have gone
                 await self.client.disconnect()
-            except Exception:
-                pass
 
     def _status(self) -> dict[str, Any]:
         self.battery = max(5.0, self.battery - random.uniform(0, 0.05))
-        return {"battery": round(self.battery, 1), "signalStrength": random.randint(-80, -40),
-                "firmwareVersion": "1.4.2", "timestamp": time.time()}
+        return {
+            "battery": round(self.battery, 1),
+            "signalStrength": random.randint(-80, -40),
+            "firmwareVersion": "1.4.2",
+            "timestamp": time.time(),
+        }
 
     async def _tick(self) -> None:
         kind = self.row.type
@@ -124,25 +137,46 @@ class SimDevice:
                 self.tally.presses += 1
                 press_type = random.choice(["single", "single", "double", "long"])
                 priority = "urgent" if press_type == "long" else random.choice(["normal"] * 9 + ["emergency"])
-                await self._pub("press", {"timestamp": time.time(), "press_type": press_type,
-                                          "duration": random.randint(80, 2500), "sequence_id": self.sequence,
-                                          "priority": priority}, 1)
+                await self._pub(
+                    "press",
+                    {
+                        "timestamp": time.time(),
+                        "press_type": press_type,
+                        "duration": random.randint(80, 2500),
+                        "sequence_id": self.sequence,
+                        "priority": priority,
+                    },
+                    1,
+                )
             elif roll < 0.1:
                 await self._pub("status", self._status(), 1)
             else:
                 await self._pub("heartbeat", b"", 0)
         elif kind == "sensor":
-            await self._pub("telemetry", {"temperature": round(random.gauss(22, 1.5), 2),
-                                          "humidity": round(random.uniform(35, 65), 1),
-                                          "co2": str(random.randint(400, 1200))}, 0)
+            await self._pub(
+                "telemetry",
+                {
+                    "temperature": round(random.gauss(22, 1.5), 2),
+                    "humidity": round(random.uniform(35, 65), 1),
+                    "co2": str(random.randint(400, 1200)),
+                },
+                0,
+            )
         elif kind == "watch":
             if roll < 0.2:
                 await self._pub("status", self._status(), 1)
             else:
                 await self._pub("heartbeat", {"uptime": int(time.monotonic())}, 0)
         else:
-            await self._pub("telemetry", {"rssi": random.randint(-90, -40), "clients": random.randint(0, 12),
-                                          "linkQuality": random.uniform(0.5, 1.0)}, 0)
+            await self._pub(
+                "telemetry",
+                {
+                    "rssi": random.randint(-90, -40),
+                    "clients": random.randint(0, 12),
+                    "linkQuality": random.uniform(0.5, 1.0),
+                },
+                0,
+            )
 
     async def _commands(self) -> None:
         while True:
@@ -180,14 +214,22 @@ async def run_simulation(plan: Plan, credentials: list[tuple[DeviceRow, str]]) -
         tasks.append(asyncio.create_task(device.run(deadline)))
         if index % 50 == 49:
             await asyncio.sleep(0.05)
-    columns = (TextColumn("[bold]simulating"), BarColumn(), TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]simulating"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task("run", total=plan.duration, info="")
         while not all(t.done() for t in tasks):
             elapsed = time.monotonic() - started
             rate = tally.total / elapsed if elapsed > 0 else 0.0
-            progress.update(bar, completed=min(elapsed, plan.duration),
-                            info=f"{tally.connected}/{len(devices)} connected, {tally.total} sent, {rate:,.0f} msg/s")
+            progress.update(
+                bar,
+                completed=min(elapsed, plan.duration),
+                info=f"{tally.connected}/{len(devices)} connected, {tally.total} sent, {rate:,.0f} msg/s",
+            )
             await asyncio.sleep(0.25)
     await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = time.monotonic() - started
@@ -203,8 +245,9 @@ async def run_simulation(plan: Plan, credentials: list[tuple[DeviceRow, str]]) -
     return report
 
 
-def _report(plan: Plan, tally: Tally, elapsed: float, before: dict[str, Any] | None,
-            after: dict[str, Any] | None) -> dict[str, Any]:
+def _report(
+    plan: Plan, tally: Tally, elapsed: float, before: dict[str, Any] | None, after: dict[str, Any] | None
+) -> dict[str, Any]:
     report: dict[str, Any] = {
         "devices connected": float(tally.connected),
         "messages sent": float(tally.total),

@@ -8,8 +8,14 @@ from dataclasses import dataclass
 from gateway.errors import TopicError
 
 __all__ = [
-    "SEGMENT", "DeviceTopic", "parse", "device_prefix", "command_topic", "filter_matches",
-    "valid_filter", "valid_segment",
+    "SEGMENT",
+    "DeviceTopic",
+    "command_topic",
+    "device_prefix",
+    "filter_matches",
+    "parse",
+    "valid_filter",
+    "valid_segment",
 ]
 
 SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")

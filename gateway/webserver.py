@@ -23,8 +23,14 @@ class _Server(uvicorn.Server):
 class WebServer:
     def __init__(self, app: Any, host: str, port: int) -> None:
         config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
-            timeout_graceful_shutdown=2, server_header=False,
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+            server_header=False,
         )
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None

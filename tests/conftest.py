@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -29,8 +30,15 @@ BOSUN = [sys.executable, "-m", "gateway"]
 
 
 def make_config(data_dir: Path, **extra: Any) -> config.Config:
-    overrides = {"gateway.data_dir": str(data_dir), "mqtt.port": 0, "http.port": 0, "mqtt.bind": "127.0.0.1",
-                 "http.bind": "127.0.0.1", "presence.check_s": 1, **extra}
+    overrides = {
+        "gateway.data_dir": str(data_dir),
+        "mqtt.port": 0,
+        "http.port": 0,
+        "mqtt.bind": "127.0.0.1",
+        "http.bind": "127.0.0.1",
+        "presence.check_s": 1,
+        **extra,
+    }
     return config.load(None, {}, overrides)
 
 
@@ -78,8 +86,7 @@ class Running:
             headers["Authorization"] = f"Bearer {self.token if token == 'default' else token}"
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=10)
 
-    async def add_device(self, device_id: str, site: str = "yacht", room: str = "c101",
-                         type_: str = "button") -> str:
+    async def add_device(self, device_id: str, site: str = "yacht", room: str = "c101", type_: str = "button") -> str:
         new = registry.NewDevice(device_id, site, room, type_)
         _, password = await self.gw.writer.run(lambda c: registry.add_device(c, new, "test"))
         await self.gw.accounts.refresh()
@@ -88,8 +95,9 @@ class Running:
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return db_rows(self.data_dir, sql, params)
 
-    async def wait_for(self, sql: str, params: tuple[Any, ...] = (), count: int = 1,
-                       timeout: float = 5.0) -> list[tuple[Any, ...]]:
+    async def wait_for(
+        self, sql: str, params: tuple[Any, ...] = (), count: int = 1, timeout: float = 5.0
+    ) -> list[tuple[Any, ...]]:
         """Poll until the query returns at least `count` rows (committed data only)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -118,10 +126,17 @@ def topic(device_id: str, action: str, site: str = "yacht", room: str = "c101", 
 class Paho:
     """A paho-mqtt client with blocking helpers that wait on real protocol events."""
 
-    def __init__(self, port: int, client_id: str, username: str | None = None, password: str | None = None,
-                 clean: bool = True) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean,
-                                  protocol=mqtt.MQTTv311)
+    def __init__(
+        self,
+        port: int,
+        client_id: str,
+        username: str | None = None,
+        password: str | None = None,
+        clean: bool = True,
+    ) -> None:
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean, protocol=mqtt.MQTTv311
+        )
         if username is not None:
             self.client.username_pw_set(username, password)
         self.port = port
@@ -188,16 +203,16 @@ def paho_clients() -> Iterator[Callable[..., Paho]]:
 
     yield make
     for client in made:
-        try:
+        with contextlib.suppress(Exception):  # the gateway may have dropped it already
             client.close()
-        except Exception:
-            pass
 
 
 async def run_cmd(*args: str, input_: bytes | None = None, timeout: float = 20) -> subprocess.CompletedProcess[bytes]:
     """Run a command without blocking the event loop (mosquitto_pub/sub, bosun)."""
     proc = await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.PIPE if input_ else None, stdout=asyncio.subprocess.PIPE,
+        *args,
+        stdin=asyncio.subprocess.PIPE if input_ else None,
+        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(input_), timeout)
@@ -218,8 +233,9 @@ def no_leaked_threads() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 3
     while True:
-        leaked = [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("bosun-")
-                  and t.is_alive()]
+        leaked = [
+            t for t in threading.enumerate() if t.ident not in before and t.name.startswith("bosun-") and t.is_alive()
+        ]
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.05)

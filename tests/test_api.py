@@ -16,8 +16,16 @@ async def _token(gateway: Running, user: str, role: str) -> str:
 
 async def test_device_crud_returns_credentials_once(gateway: Running, paho_clients) -> None:
     async with gateway.http() as http:
-        created = await http.post("/api/v1/devices", json={"device_id": "btn-5", "site": "yacht", "room": "c105",
-                                                           "type": "button", "name": "Owner's cabin"})
+        created = await http.post(
+            "/api/v1/devices",
+            json={
+                "device_id": "btn-5",
+                "site": "yacht",
+                "room": "c105",
+                "type": "button",
+                "name": "Owner's cabin",
+            },
+        )
         assert created.status_code == 201, created.text
         body = created.json()
         assert body["credentials"]["username"] == "btn-5" and len(body["credentials"]["password"]) >= 22
@@ -51,20 +59,24 @@ async def test_errors_are_json_with_a_message(gateway: Running) -> None:
     async with gateway.http() as http:
         bad = await http.post("/api/v1/devices", json={"device_id": "a/b", "site": "s", "room": "r", "type": "button"})
         assert bad.status_code == 400 and "device_id" in bad.json()["message"]
-        weak = await http.post("/api/v1/devices", json={"device_id": "x1", "site": "s", "room": "r",
-                                                        "type": "button", "password": "password123"})
+        weak = await http.post(
+            "/api/v1/devices",
+            json={"device_id": "x1", "site": "s", "room": "r", "type": "button", "password": "password123"},
+        )
         assert weak.status_code == 400 and "too weak" in weak.json()["message"]
-        wrong_type = await http.post("/api/v1/devices", json={"device_id": "x1", "site": "s", "room": "r",
-                                                              "type": "toaster"})
+        wrong_type = await http.post(
+            "/api/v1/devices", json={"device_id": "x1", "site": "s", "room": "r", "type": "toaster"}
+        )
         assert wrong_type.status_code == 400 and "type" in wrong_type.json()["message"]
         malformed = await http.post("/api/v1/devices", content=b"{nope", headers={"content-type": "application/json"})
         assert malformed.status_code == 400 and malformed.json()["message"]
-        extra = await http.post("/api/v1/devices", json={"device_id": "x1", "site": "s", "room": "r",
-                                                         "type": "button", "root": True})
+        extra = await http.post(
+            "/api/v1/devices",
+            json={"device_id": "x1", "site": "s", "room": "r", "type": "button", "root": True},
+        )
         assert extra.status_code == 400
         await http.post("/api/v1/devices", json={"device_id": "x1", "site": "s", "room": "r", "type": "button"})
-        again = await http.post("/api/v1/devices", json={"device_id": "x1", "site": "s", "room": "r",
-                                                         "type": "button"})
+        again = await http.post("/api/v1/devices", json={"device_id": "x1", "site": "s", "room": "r", "type": "button"})
         assert again.status_code == 409 and "already exists" in again.json()["message"]
         too_many = await http.get("/api/v1/devices/x1/measurements", params={"limit": 100_001})
         assert too_many.status_code == 400
@@ -100,12 +112,14 @@ async def test_measurements_limit_and_since(gateway: Running) -> None:
     await gateway.add_device("s1", type_="sensor")
     rows = [("s1", "t", 1_800_000_000.0 + i, float(i)) for i in range(10)]
     await gateway.gw.writer.run(
-        lambda c: c.executemany("INSERT INTO measurements(device_id, metric, ts, value) VALUES (?,?,?,?)", rows))
+        lambda c: c.executemany("INSERT INTO measurements(device_id, metric, ts, value) VALUES (?,?,?,?)", rows)
+    )
     async with gateway.http() as http:
         latest = (await http.get("/api/v1/devices/s1/measurements", params={"limit": 3})).json()
         assert [r["value"] for r in latest] == [7.0, 8.0, 9.0]
-        since = (await http.get("/api/v1/devices/s1/measurements",
-                                params={"since": 1_800_000_002.0, "limit": 2})).json()
+        since = (
+            await http.get("/api/v1/devices/s1/measurements", params={"since": 1_800_000_002.0, "limit": 2})
+        ).json()
         assert [r["value"] for r in since] == [2.0, 3.0]
         assert set(since[0]) == {"ts", "metric", "value"}
 
@@ -134,8 +148,13 @@ async def test_health_metrics_and_offline_schema(gateway: Running) -> None:
         assert set(health["components"]) == {"store", "broker", "ingest", "api"}
         metrics = await http.get("/metrics")
         assert metrics.status_code == 200
-        for name in ("bosun_mqtt_connected_clients", "bosun_writer_batch_size_bucket",
-                     "bosun_writer_commit_seconds_bucket", "bosun_writer_queue_depth", "bosun_ingest_queue_depth"):
+        for name in (
+            "bosun_mqtt_connected_clients",
+            "bosun_writer_batch_size_bucket",
+            "bosun_writer_commit_seconds_bucket",
+            "bosun_writer_queue_depth",
+            "bosun_ingest_queue_depth",
+        ):
             assert name in metrics.text, name
         schema = await http.get("/schema/openapi.json")
         assert schema.status_code == 200 and "/api/v1/devices" in schema.json()["paths"]

@@ -29,8 +29,23 @@ async def test_device_with_credentials_connects_and_wrong_ones_are_refused(gatew
 async def test_mosquitto_pub_wrong_password_is_refused(gateway: Running) -> None:
     pub = require("mosquitto_pub")
     await gateway.add_device("btn-1")
-    result = await run_cmd(pub, "-p", str(gateway.mqtt_port), "-i", "btn-1", "-u", "btn-1", "-P", "nope", "-q", "1",
-                           "-t", topic("btn-1", "press"), "-m", "{}")
+    result = await run_cmd(
+        pub,
+        "-p",
+        str(gateway.mqtt_port),
+        "-i",
+        "btn-1",
+        "-u",
+        "btn-1",
+        "-P",
+        "nope",
+        "-q",
+        "1",
+        "-t",
+        topic("btn-1", "press"),
+        "-m",
+        "{}",
+    )
     assert result.returncode != 0
     assert b"not authori" in result.stderr.lower()
     assert gateway.rows("SELECT * FROM traffic") == []
@@ -96,10 +111,15 @@ async def test_anonymous_clients_get_only_the_configured_patterns(tmp_path, paho
 
     from gateway.runtime import Gateway
 
-    cfg = make_config(tmp_path / "var", **{
-        "mqtt.allow_anonymous": "true", "mqtt.anonymous_subscribe": "public/#,bosun/#",
-        "mqtt.anonymous_publish": "public/#", "mqtt.anonymous_deny": "bosun/+/+/+/+/cmd/#",
-    })
+    cfg = make_config(
+        tmp_path / "var",
+        **{
+            "mqtt.allow_anonymous": "true",
+            "mqtt.anonymous_subscribe": "public/#,bosun/#",
+            "mqtt.anonymous_publish": "public/#",
+            "mqtt.anonymous_deny": "bosun/+/+/+/+/cmd/#",
+        },
+    )
     gw = Gateway(cfg)
     await gw.start()
     try:
@@ -142,8 +162,11 @@ async def test_disabled_device_is_disconnected_and_refused(gateway: Running, pah
 async def test_integration_account_is_limited_to_its_patterns(gateway: Running, paho_clients) -> None:
     from gateway.store import registry
 
-    await gateway.gw.writer.run(lambda c: registry.add_integration(
-        c, "nodered", "correct-horse-battery", ["bosun/+/+/sensor/+/telemetry"], ["lights/#"], "test"))
+    await gateway.gw.writer.run(
+        lambda c: registry.add_integration(
+            c, "nodered", "correct-horse-battery", ["bosun/+/+/sensor/+/telemetry"], ["lights/#"], "test"
+        )
+    )
     await gateway.gw.accounts.refresh()
     client = paho_clients(gateway.mqtt_port, "nodered-1", "nodered", "correct-horse-battery")
     assert await asyncio.to_thread(client.connect) == 0
@@ -164,8 +187,9 @@ async def test_retained_messages_respect_the_acl(gateway: Running, paho_clients)
     its ACL allows; stock amqtt sent every client the retained messages of everyone's filters."""
     from gateway.store import registry
 
-    await gateway.gw.writer.run(lambda c: registry.add_integration(
-        c, "dash", "dashboard-password", ["bosun/#"], [], "test"))
+    await gateway.gw.writer.run(
+        lambda c: registry.add_integration(c, "dash", "dashboard-password", ["bosun/#"], [], "test")
+    )
     await gateway.gw.accounts.refresh()
     dash = paho_clients(gateway.mqtt_port, "dash-1", "dash", "dashboard-password")
     await asyncio.to_thread(dash.connect)

@@ -158,9 +158,7 @@ def test_device_add_refuses_a_duplicate_id(tmp_path: Path) -> None:
         ("site", ["btn-1", "--site", "x" * 65, "--room", "c101"]),
     ],
 )
-def test_device_add_refuses_a_bad_topic_segment_naming_the_field(
-    tmp_path: Path, field: str, args: list[str]
-) -> None:
+def test_device_add_refuses_a_bad_topic_segment_naming_the_field(tmp_path: Path, field: str, args: list[str]) -> None:
     data = tmp_path / "var"
     result = bosun(tmp_path, "device", "add", *args, "--type", "button", "--data-dir", str(data))
     assert result.returncode != 0
@@ -269,9 +267,7 @@ def test_import_3000_rows_quickly_with_credentials_file(tmp_path: Path) -> None:
     source = write_csv(tmp_path / "rooms.csv", rooms(3000))
     creds = tmp_path / "creds.csv"
     started = time.perf_counter()
-    result = bosun(
-        tmp_path, "device", "import", str(source), "--credentials-out", str(creds), "--data-dir", str(data)
-    )
+    result = bosun(tmp_path, "device", "import", str(source), "--credentials-out", str(creds), "--data-dir", str(data))
     elapsed = time.perf_counter() - started
     print(f"\nimport of 3,000 rows: {elapsed:.2f} s wall (subprocess); CLI says: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
@@ -308,9 +304,7 @@ def test_import_is_all_or_nothing_and_names_the_line(tmp_path: Path) -> None:
     data = tmp_path / "var"
     good = rooms(10)
     bad = [*good[:6], ("dev-bad", "yacht", "c1", "toaster", ""), *good[6:]]
-    result = bosun(
-        tmp_path, "device", "import", str(write_csv(tmp_path / "rooms.csv", bad)), "--data-dir", str(data)
-    )
+    result = bosun(tmp_path, "device", "import", str(write_csv(tmp_path / "rooms.csv", bad)), "--data-dir", str(data))
     assert result.returncode != 0
     assert "rooms.csv:8:" in result.stderr and "toaster" in result.stderr, result.stderr  # header is line 1
     assert "Traceback" not in result.stderr
@@ -318,9 +312,7 @@ def test_import_is_all_or_nothing_and_names_the_line(tmp_path: Path) -> None:
 
     # the last row of a large file being bad also leaves nothing behind
     big = [*rooms(3000), ("dev-x", "a/b", "c1", "button", "")]
-    result = bosun(
-        tmp_path, "device", "import", str(write_csv(tmp_path / "big.csv", big)), "--data-dir", str(data)
-    )
+    result = bosun(tmp_path, "device", "import", str(write_csv(tmp_path / "big.csv", big)), "--data-dir", str(data))
     assert result.returncode != 0
     assert "big.csv:3002:" in result.stderr and "site" in result.stderr, result.stderr
     assert device_count(data) == 0
@@ -360,17 +352,13 @@ def test_import_refuses_a_missing_column(tmp_path: Path) -> None:
 def test_import_refuses_duplicates_in_the_file_and_in_the_registry(tmp_path: Path) -> None:
     data = tmp_path / "var"
     twice = [*rooms(3), rooms(3)[1]]
-    result = bosun(
-        tmp_path, "device", "import", str(write_csv(tmp_path / "twice.csv", twice)), "--data-dir", str(data)
-    )
+    result = bosun(tmp_path, "device", "import", str(write_csv(tmp_path / "twice.csv", twice)), "--data-dir", str(data))
     assert result.returncode != 0
     assert "twice.csv:5:" in result.stderr and "dev-00001 appears twice" in result.stderr, result.stderr
     assert device_count(data) == 0
 
     assert add_device(tmp_path, data, "dev-00002").returncode == 0
-    result = bosun(
-        tmp_path, "device", "import", str(write_csv(tmp_path / "r.csv", rooms(5))), "--data-dir", str(data)
-    )
+    result = bosun(tmp_path, "device", "import", str(write_csv(tmp_path / "r.csv", rooms(5))), "--data-dir", str(data))
     assert result.returncode != 0
     assert "already registered: dev-00002" in result.stderr, result.stderr
     assert device_count(data) == 1
@@ -537,9 +525,7 @@ async def test_crew_user_token_reads_the_api_but_may_not_register(gateway: Runni
     assert b"user alice (crew) created" in made.stdout
     assert b"password" not in made.stdout  # she chose it; nothing to show
 
-    issued = await run_cmd(
-        *BOSUN, "token", "create", "--user", "alice", "--label", "tablet", "--data-dir", data
-    )
+    issued = await run_cmd(*BOSUN, "token", "create", "--user", "alice", "--label", "tablet", "--data-dir", data)
     assert issued.returncode == 0, issued.stderr
     token = issued.stdout.decode().strip()
     assert re.fullmatch(r"\S{32,}", token), token
@@ -827,10 +813,7 @@ async def test_import_while_running_and_imported_devices_connect(
         str(gateway.data_dir),
     )
     elapsed = time.perf_counter() - started
-    print(
-        f"\nimport of 3,000 rows while the gateway runs: {elapsed:.2f} s; CLI says: "
-        f"{result.stderr.decode().strip()}"
-    )
+    print(f"\nimport of 3,000 rows while the gateway runs: {elapsed:.2f} s; CLI says: {result.stderr.decode().strip()}")
     assert result.returncode == 0, result.stderr
     assert elapsed < 15
     assert gateway.rows("SELECT count(*) FROM devices") == [(3000,)]
@@ -838,9 +821,7 @@ async def test_import_while_running_and_imported_devices_connect(
 
     with creds.open(newline="") as handle:
         generated = next(csv.DictReader(handle))
-    one = paho_clients(
-        gateway.mqtt_port, generated["device_id"], generated["device_id"], generated["password"]
-    )
+    one = paho_clients(gateway.mqtt_port, generated["device_id"], generated["device_id"], generated["password"])
     assert await asyncio.to_thread(one.connect) == 0
     chosen = paho_clients(gateway.mqtt_port, "dev-00000", "dev-00000", f"{A_STRONG_PASSWORD}00000")
     assert await asyncio.to_thread(chosen.connect) == 0

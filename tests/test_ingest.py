@@ -7,7 +7,6 @@ import json
 import time
 
 import msgpack
-
 from conftest import Running, require, run_cmd, topic
 
 
@@ -22,12 +21,24 @@ async def test_status_telemetry_and_press_land_in_tables_and_api(gateway: Runnin
     device, _ = await _device(gateway, paho_clients, "sen-1", type_="sensor")
     status = {"battery": "85", "signalStrength": -45, "firmwareVersion": "1.2.3", "metadata": {"tempC": 23.5}}
     await asyncio.to_thread(device.publish, topic("sen-1", "status", type_="sensor"), json.dumps(status))
-    await asyncio.to_thread(device.publish, topic("sen-1", "telemetry", type_="sensor"),
-                            json.dumps({"temperature": "21.5", "humidity": 40, "bad": "n/a", "memory": {"heapFreeKb": 12}}))
-    await asyncio.to_thread(device.publish, topic("sen-1", "co2", type_="sensor"),
-                            json.dumps({"value": 612, "time": "2026-01-02T03:04:05Z"}))
-    press = {"timestamp": "2026-01-02T03:04:06Z", "device_id": "liar", "press_type": "long", "duration": 1500,
-             "sequence_id": 42, "priority": "urgent"}
+    await asyncio.to_thread(
+        device.publish,
+        topic("sen-1", "telemetry", type_="sensor"),
+        json.dumps({"temperature": "21.5", "humidity": 40, "bad": "n/a", "memory": {"heapFreeKb": 12}}),
+    )
+    await asyncio.to_thread(
+        device.publish,
+        topic("sen-1", "co2", type_="sensor"),
+        json.dumps({"value": 612, "time": "2026-01-02T03:04:05Z"}),
+    )
+    press = {
+        "timestamp": "2026-01-02T03:04:06Z",
+        "device_id": "liar",
+        "press_type": "long",
+        "duration": 1500,
+        "sequence_id": 42,
+        "priority": "urgent",
+    }
     await asyncio.to_thread(device.publish, topic("sen-1", "press", type_="sensor"), json.dumps(press))
 
     async with gateway.http() as http:
@@ -37,8 +48,12 @@ async def test_status_telemetry_and_press_land_in_tables_and_api(gateway: Runnin
 
         rows = (await http.get("/api/v1/devices/sen-1/measurements")).json()
         assert {(r["metric"], r["value"]) for r in rows} == {
-            ("temperature", 21.5), ("humidity", 40.0), ("memory.heap_free_kb", 12.0), ("co2", 612.0)}
-        co2 = [r for r in rows if r["metric"] == "co2"][0]
+            ("temperature", 21.5),
+            ("humidity", 40.0),
+            ("memory.heap_free_kb", 12.0),
+            ("co2", 612.0),
+        }
+        co2 = next(r for r in rows if r["metric"] == "co2")
         assert co2["ts"] == 1767323045.0  # the device's own timestamp
         assert [r["ts"] for r in rows] == sorted(r["ts"] for r in rows)
         only = (await http.get("/api/v1/devices/sen-1/measurements", params={"metric": "humidity"})).json()
@@ -47,19 +62,40 @@ async def test_status_telemetry_and_press_land_in_tables_and_api(gateway: Runnin
         events = (await http.get("/api/v1/events", params={"type": "press"})).json()
         assert len(events) == 1
         event = events[0]
-        assert (event["device_id"], event["sequence_id"], event["press_type"], event["priority"]) == \
-            ("sen-1", 42, "long", "urgent")  # device id from the topic, not the payload
+        assert (event["device_id"], event["sequence_id"], event["press_type"], event["priority"]) == (
+            "sen-1",
+            42,
+            "long",
+            "urgent",
+        )  # device id from the topic, not the payload
 
-    assert gateway.rows("SELECT kind, lane FROM outbox WHERE kind = 'event'") == [("event", "state"),
-                                                                                ("event", "priority")]
+    assert gateway.rows("SELECT kind, lane FROM outbox WHERE kind = 'event'") == [
+        ("event", "state"),
+        ("event", "priority"),
+    ]
 
 
 async def test_mosquitto_pub_messages_are_stored(gateway: Running) -> None:
     pub = require("mosquitto_pub")
     password = await gateway.add_device("btn-7")
     lines = "\n".join(json.dumps({"value": i}) for i in range(50)).encode()
-    result = await run_cmd(pub, "-p", str(gateway.mqtt_port), "-i", "btn-7", "-u", "btn-7", "-P", password,
-                           "-q", "1", "-l", "-t", topic("btn-7", "temperature"), input_=lines)
+    result = await run_cmd(
+        pub,
+        "-p",
+        str(gateway.mqtt_port),
+        "-i",
+        "btn-7",
+        "-u",
+        "btn-7",
+        "-P",
+        password,
+        "-q",
+        "1",
+        "-l",
+        "-t",
+        topic("btn-7", "temperature"),
+        input_=lines,
+    )
     assert result.returncode == 0, result.stderr
     # QoS 1 PUBACK is sent only after COMMIT: every acknowledged message is already in the database
     assert len(gateway.rows("SELECT * FROM measurements WHERE device_id = 'btn-7'")) == 50
@@ -71,7 +107,10 @@ async def test_duplicate_press_yields_one_event(gateway: Running, paho_clients) 
     for _ in range(3):
         await asyncio.to_thread(device.publish, topic("btn-1", "press"), press)
     await asyncio.to_thread(device.publish, topic("btn-1", "press"), json.dumps({"sequence_id": 10}))
-    assert [r[0] for r in gateway.rows("SELECT sequence_id FROM events WHERE type='press' ORDER BY id")] == [9, 10]
+    assert [r[0] for r in gateway.rows("SELECT sequence_id FROM events WHERE type='press' ORDER BY id")] == [
+        9,
+        10,
+    ]
     assert gateway.gw.health()["counters"]["drops"]["duplicate_press"] == 2.0
     assert len(gateway.rows("SELECT * FROM traffic WHERE topic LIKE '%/press'")) == 4
 
@@ -98,8 +137,9 @@ async def test_bad_input_is_counted_and_the_gateway_keeps_serving(gateway: Runni
 async def test_unknown_device_in_topic_is_counted(gateway: Running, paho_clients) -> None:
     from gateway.store import registry
 
-    await gateway.gw.writer.run(lambda c: registry.add_integration(
-        c, "bridge", "a-long-password", ["bosun/#"], ["bosun/#"], "test"))
+    await gateway.gw.writer.run(
+        lambda c: registry.add_integration(c, "bridge", "a-long-password", ["bosun/#"], ["bosun/#"], "test")
+    )
     await gateway.gw.accounts.refresh()
     client = paho_clients(gateway.mqtt_port, "bridge-1", "bridge", "a-long-password")
     await asyncio.to_thread(client.connect)
@@ -121,8 +161,11 @@ async def test_command_reaches_device_at_qos2_and_its_ack_marks_it_done(gateway:
         assert (message.topic, message.qos) == (topic("btn-1", "cmd/identify"), 2)
         body = json.loads(message.payload)
         assert body == {"command_id": command["command_id"], "blink": 3}
-        await asyncio.to_thread(device.publish, topic("btn-1", "ack"),
-                                json.dumps({"command_id": body["command_id"], "status": "done", "detail": "ok"}))
+        await asyncio.to_thread(
+            device.publish,
+            topic("btn-1", "ack"),
+            json.dumps({"command_id": body["command_id"], "status": "done", "detail": "ok"}),
+        )
         after = (await http.get(f"/api/v1/commands/{command['command_id']}")).json()
         assert (after["status"], after["detail"]) == ("done", "ok")
         assert after["acked_at"] >= after["created_at"]
@@ -135,8 +178,9 @@ async def test_ack_from_another_device_does_not_complete_a_command(gateway: Runn
     other, _ = await _device(gateway, paho_clients, "btn-2")
     assert gateway.gw.commands is not None
     command = await gateway.gw.commands.send("btn-1", "reset", {}, "test")
-    await asyncio.to_thread(other.publish, topic("btn-2", "ack"),
-                            json.dumps({"command_id": command.command_id, "status": "done"}))
+    await asyncio.to_thread(
+        other.publish, topic("btn-2", "ack"), json.dumps({"command_id": command.command_id, "status": "done"})
+    )
     assert gateway.rows("SELECT status FROM commands") == [("sent",)]
 
 
@@ -149,8 +193,10 @@ async def test_availability_and_last_will_drive_presence(gateway: Running, paho_
     # an abnormal disconnect: the broker publishes the will, ingest records it
     device.client._sock.close()  # no DISCONNECT packet: the connection just dies
     rows = await gateway.wait_for("SELECT payload FROM events WHERE type = 'presence'", count=2)
-    assert [json.loads(r[0]) for r in rows] == [{"online": True, "reason": "availability"},
-                                                 {"online": False, "reason": "availability"}]
+    assert [json.loads(r[0]) for r in rows] == [
+        {"online": True, "reason": "availability"},
+        {"online": False, "reason": "availability"},
+    ]
     assert gateway.rows("SELECT online FROM devices") == [(0,)]
 
 
@@ -164,7 +210,8 @@ async def test_missed_heartbeats_mark_a_device_offline(tmp_path, paho_clients) -
     await gw.start()
     try:
         _, password = await gw.writer.run(
-            lambda c: registry.add_device(c, registry.NewDevice("w1", "yacht", "bridge", "watch"), "t"))
+            lambda c: registry.add_device(c, registry.NewDevice("w1", "yacht", "bridge", "watch"), "t")
+        )
         await gw.accounts.refresh()
         client = paho_clients(gw.mqtt_port, "w1", "w1", password)
         await asyncio.to_thread(client.connect)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-
 from conftest import ROOT, db_rows, db_write
 
 from gateway.store import registry
@@ -22,9 +21,25 @@ from gateway.store import registry
 
 def start_gateway(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], int, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "run", "--data-dir", str(data_dir), "--mqtt-port", "0", "--http-port", "0",
-         "--bind", "127.0.0.1", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--data-dir",
+            str(data_dir),
+            "--mqtt-port",
+            "0",
+            "--http-port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert proc.stdout is not None
     banner = ""
@@ -38,6 +53,7 @@ def start_gateway(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], i
             mqtt_port = int(re.search(r"mqtt://[^:]+:(\d+)", banner).group(1))  # type: ignore[union-attr]
             http_port = int(re.search(r"http://[^:]+:(\d+)", line).group(1))  # type: ignore[union-attr]
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            proc.banner = banner  # type: ignore[attr-defined]
             return proc, mqtt_port, http_port
     proc.kill()
     raise AssertionError(f"gateway did not start:\n{banner}")
@@ -46,27 +62,42 @@ def start_gateway(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], i
 def test_bad_config_stops_startup_naming_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bosun.toml"
     bad.write_text('[mqtt]\nport = "eighteen"\n')
-    result = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(bad), "--data-dir",
-                             str(tmp_path / "var")], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--config", str(bad), "--data-dir", str(tmp_path / "var")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode != 0
     assert "mqtt.port" in result.stderr and "integer" in result.stderr
     env = {**os.environ, "BOSUN_STORE_SYNCHRONOUS": "sometimes"}
-    result = subprocess.run([sys.executable, "-m", "gateway", "run", "--data-dir", str(tmp_path / "var")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=30, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--data-dir", str(tmp_path / "var")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert result.returncode != 0 and "store.synchronous" in result.stderr and "NORMAL" in result.stderr
     assert not (tmp_path / "var").exists(), "nothing may be created before the config is valid"
 
 
 def test_first_start_prints_the_admin_password_once(tmp_path: Path) -> None:
     data = tmp_path / "var"
-    for expect_password in (True, False):
+    banners = []
+    for _ in range(2):
         proc, _, _ = start_gateway(data)
+        banners.append(proc.banner)  # type: ignore[attr-defined]
         proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
-    # the second start printed no password; the stored hash is argon2, never the password itself
+        assert proc.wait(20) == 0
+    first = re.search(r"created user 'admin' with password.*\n\s+(\S+)", banners[0])
+    assert first, banners[0]
+    assert "created user 'admin'" not in banners[1] and first.group(1) not in banners[1]
+    # only an argon2 hash is stored, never the password itself
     hashes = db_rows(data, "SELECT password_hash FROM users WHERE username = 'admin'")
-    assert len(hashes) == 1 and hashes[0][0].startswith("$argon2id$")
-    assert expect_password is False
+    assert len(hashes) == 1 and hashes[0][0].startswith("$argon2id$") and first.group(1) not in hashes[0][0]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
@@ -75,8 +106,10 @@ def test_acknowledged_messages_survive_stop_under_load(tmp_path: Path, sig: sign
     devices = [f"s{i}" for i in range(4)]
     secrets = {}
     for device_id in devices:
-        _, secrets[device_id] = db_write(data, lambda c, d=device_id: registry.add_device(
-            c, registry.NewDevice(d, "yacht", "engine", "sensor"), "test"))
+        _, secrets[device_id] = db_write(
+            data,
+            lambda c, d=device_id: registry.add_device(c, registry.NewDevice(d, "yacht", "engine", "sensor"), "test"),
+        )
     proc, mqtt_port, _ = start_gateway(data)
     sent: dict[str, list[tuple[int, mqtt.MQTTMessageInfo]]] = {d: [] for d in devices}
     stop = threading.Event()
@@ -89,8 +122,7 @@ def test_acknowledged_messages_survive_stop_under_load(tmp_path: Path, sig: sign
         client.loop_start()
         i = 0
         while not stop.is_set():
-            info = client.publish(f"bosun/yacht/engine/sensor/{device_id}/temperature",
-                                  json.dumps({"value": i}), qos=1)
+            info = client.publish(f"bosun/yacht/engine/sensor/{device_id}/temperature", json.dumps({"value": i}), qos=1)
             sent[device_id].append((i, info))
             i += 1
             if len(sent[device_id]) % 50 == 0:
@@ -118,6 +150,11 @@ def test_acknowledged_messages_survive_stop_under_load(tmp_path: Path, sig: sign
         assert not lost, f"{device_id}: {len(lost)} acknowledged messages lost, e.g. {sorted(lost)[:5]}"
         total_acked += len(acked)
     assert total_acked > 500
-    integrity = subprocess.run([sys.executable, "-m", "gateway", "db", "check", "--data-dir", str(data)],
-                               cwd=ROOT, capture_output=True, text=True, timeout=30)
+    integrity = subprocess.run(
+        [sys.executable, "-m", "gateway", "db", "check", "--data-dir", str(data)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert integrity.returncode == 0 and "integrity ok" in integrity.stdout

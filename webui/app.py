@@ -27,7 +27,9 @@ def create_app(gateway: Any) -> Litestar:
         state=State({"gateway": gateway}),
         # offline appliance: the schema as JSON only, no UI whose assets come from a CDN
         openapi_config=OpenAPIConfig(
-            title="Bosun gateway API", version=__version__, path="/schema",
+            title="Bosun gateway API",
+            version=__version__,
+            path="/schema",
             render_plugins=[JsonRenderPlugin(path=["/", "/openapi.json"])],
         ),
         logging_config=None,

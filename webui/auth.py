@@ -11,7 +11,7 @@ from litestar.handlers.base import BaseRouteHandler
 from gateway.models import User
 from gateway.store.registry import lookup_token
 
-__all__ = ["guard", "ANY", "STAFF", "ADMIN", "roles"]
+__all__ = ["ADMIN", "ANY", "STAFF", "guard", "roles"]
 
 ANY = ("admin", "installer", "crew")
 STAFF = ("admin", "installer")

@@ -23,7 +23,7 @@ from gateway.config import MqttSection
 from gateway.metrics import Metrics
 from gateway.models import Principal
 
-__all__ = ["Gatekeeper", "BosunAuthPlugin", "BosunTopicPlugin", "principal_of"]
+__all__ = ["BosunAuthPlugin", "BosunTopicPlugin", "Gatekeeper", "principal_of"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,10 @@ class Gatekeeper:
         self._metrics = metrics
         self._root = cfg.root
         self._anonymous = Principal(
-            "anonymous", "anonymous", read=tuple(cfg.anonymous_subscribe), write=tuple(cfg.anonymous_publish),
+            "anonymous",
+            "anonymous",
+            read=tuple(cfg.anonymous_subscribe),
+            write=tuple(cfg.anonymous_publish),
             deny=tuple(cfg.anonymous_deny),
         )
         if cfg.allow_anonymous and "#" in (*cfg.anonymous_publish, *cfg.anonymous_subscribe):
@@ -82,7 +85,7 @@ class Gatekeeper:
             return self._refuse("client_id_taken", session)
         if session.will_flag and session.will_topic and not acl.may_publish(principal, session.will_topic, self._root):
             return self._refuse("will_not_allowed", session)
-        session.bosun_principal = principal  # type: ignore[attr-defined]
+        session.bosun_principal = principal
         return True
 
     def allowed(self, session: Session, topic: str, action: Action) -> bool:

@@ -31,7 +31,7 @@ from gateway.ingest import Ingest, Message
 from gateway.metrics import Metrics
 from gateway.topics import filter_matches
 
-__all__ = ["GatewayBroker", "broker_config", "bound_port"]
+__all__ = ["GatewayBroker", "bound_port", "broker_config"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,11 @@ def broker_config(cfg: MqttSection, gate: Gatekeeper) -> dict[str, Any]:
         "default": {"type": "tcp", "bind": f"{cfg.bind}:{cfg.port}", "max_connections": cfg.max_connections},
     }
     if cfg.ws_port >= 0:
-        listeners["ws"] = {"type": "ws", "bind": f"{cfg.bind}:{cfg.ws_port}", "max_connections": cfg.max_connections}
+        listeners["ws"] = {
+            "type": "ws",
+            "bind": f"{cfg.bind}:{cfg.ws_port}",
+            "max_connections": cfg.max_connections,
+        }
     return {
         "listeners": listeners,
         "plugins": {
@@ -81,7 +85,10 @@ class DurableHandler(BrokerProtocolHandler):
         if publish_packet.topic_name is None or publish_packet.data is None or publish_packet.variable_header is None:
             return
         message = DurableMessage(
-            publish_packet.variable_header.packet_id, publish_packet.topic_name, QOS_1, publish_packet.data,
+            publish_packet.variable_header.packet_id,
+            publish_packet.topic_name,
+            QOS_1,
+            publish_packet.data,
             publish_packet.retain_flag,
         )
         message.publish_packet = publish_packet
@@ -117,8 +124,9 @@ def _settle(message: ApplicationMessage | None, outcome: asyncio.Future[Any] | N
 
 
 class GatewayBroker(Broker):
-    def __init__(self, config: dict[str, Any], gate: Gatekeeper, ingest: Ingest, metrics: Metrics,
-                 cfg: MqttSection) -> None:
+    def __init__(
+        self, config: dict[str, Any], gate: Gatekeeper, ingest: Ingest, metrics: Metrics, cfg: MqttSection
+    ) -> None:
         super().__init__(config)
         self._gate = gate
         self._ingest = ingest
@@ -128,8 +136,9 @@ class GatewayBroker(Broker):
     def port(self, listener: str = "default") -> int:
         return bound_port(self, listener)
 
-    async def _initialize_client_session(self, reader: Any, writer: Any, remote_address: str,
-                                         remote_port: int) -> tuple[BrokerProtocolHandler, Session]:
+    async def _initialize_client_session(
+        self, reader: Any, writer: Any, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
         handler, session = await super()._initialize_client_session(reader, writer, remote_address, remote_port)
         # BrokerProtocolHandler is hard-coded in init_from_connect; DurableHandler adds no state of its own
         handler.__class__ = DurableHandler
@@ -138,8 +147,9 @@ class GatewayBroker(Broker):
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         return self._gate.allowed(session, topic, action)
 
-    async def _handle_message_delivery(self, client_session: Session, handler: BrokerProtocolHandler,
-                                       wait_deliver: asyncio.Future[Any]) -> bool:
+    async def _handle_message_delivery(
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
         return await self._deliver(client_session, wait_deliver.result())
 
     async def _deliver(self, session: Session, message: ApplicationMessage | None) -> bool:
@@ -162,22 +172,34 @@ class GatewayBroker(Broker):
             return True
         if len(message.data) > self._max_payload:
             self._metrics.drops.labels("oversized_payload").inc()
-            log.warning("dropped %d-byte payload from %s on %r (max %d)", len(message.data), session.client_id,
-                        topic, self._max_payload)
+            log.warning(
+                "dropped %d-byte payload from %s on %r (max %d)",
+                len(message.data),
+                session.client_id,
+                topic,
+                self._max_payload,
+            )
             _settle(message)
             return True
-        stored = await self._ingest.accept(Message(
-            session.client_id or "", topic, bytes(message.data), message.qos or 0,
-            bool(message.publish_packet and message.publish_packet.retain_flag), time.time(),
-        ))
+        stored = await self._ingest.accept(
+            Message(
+                session.client_id or "",
+                topic,
+                bytes(message.data),
+                message.qos or 0,
+                bool(message.publish_packet and message.publish_packet.retain_flag),
+                time.time(),
+            )
+        )
         _settle(message, stored)
         await self._broadcast_message(session, topic, message.data)
         if message.publish_packet and message.publish_packet.retain_flag:
             await self.retain_message(session, topic, message.data, message.qos)
         return True
 
-    async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
-                                 disconnect_waiter: asyncio.Future[Any]) -> None:
+    async def _handle_disconnect(
+        self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
+    ) -> None:
         # messages the client sent before DISCONNECT are still queued: ingest them first (stock drops them)
         queue = client_session.delivered_message_queue
         while not queue.empty():
@@ -186,10 +208,16 @@ class GatewayBroker(Broker):
         abnormal = result is None or not isinstance(result, DisconnectPacket)
         if abnormal and client_session.will_flag and client_session.will_topic:
             # MQTT 3.1.1 section 3.1.2.5: publish the will; through ingest so presence sees it
-            await self._ingest.accept(Message(
-                client_session.client_id or "", client_session.will_topic, bytes(client_session.will_message or b""),
-                client_session.will_qos or 0, bool(client_session.will_retain), time.time(),
-            ))
+            await self._ingest.accept(
+                Message(
+                    client_session.client_id or "",
+                    client_session.will_topic,
+                    bytes(client_session.will_message or b""),
+                    client_session.will_qos or 0,
+                    bool(client_session.will_retain),
+                    time.time(),
+                )
+            )
         await super()._handle_disconnect(client_session, handler, disconnect_waiter)
         self._count_connected()
 
@@ -197,8 +225,9 @@ class GatewayBroker(Broker):
         self._count_connected()
         await super()._client_message_loop(client_session, handler)
 
-    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
-                                                          session: Session) -> None:
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
         """Retained messages for a filter the session holds, each checked against its ACL.
 
         Stock calls this at connect for every filter any client holds and sends matches without an ACL
@@ -211,9 +240,14 @@ class GatewayBroker(Broker):
         if not granted or handler is None:
             return
         sends = [
-            asyncio.ensure_future(handler.mqtt_publish(
-                topic, retained.data, min(granted[0], granted[0] if retained.qos is None else retained.qos),
-                retain=True))
+            asyncio.ensure_future(
+                handler.mqtt_publish(
+                    topic,
+                    retained.data,
+                    min(granted[0], granted[0] if retained.qos is None else retained.qos),
+                    retain=True,
+                )
+            )
             for topic, retained in list(self._retained_messages.items())
             if filter_matches(topic_filter, topic) and self._gate.allowed(session, topic, Action.RECEIVE)
         ]

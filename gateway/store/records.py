@@ -9,7 +9,7 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["audit", "outbox", "LANE_PRIORITY", "LANE_STATE", "LANE_TELEMETRY"]
+__all__ = ["LANE_PRIORITY", "LANE_STATE", "LANE_TELEMETRY", "audit", "outbox"]
 
 # Lanes drain in this order (DESIGN: uplink): calls, alarms and audit first, then device state, telemetry.
 LANE_PRIORITY = "priority"
@@ -32,6 +32,16 @@ def audit(conn: sqlite3.Connection, actor: str, action: str, target: str | None,
         "INSERT INTO audit_log(ts, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
         (ts, actor, action, target, json.dumps(detail, sort_keys=True)),
     )
-    outbox(conn, LANE_PRIORITY, "audit", {
-        "id": cur.lastrowid, "ts": ts, "actor": actor, "action": action, "target": target, "detail": detail,
-    })
+    outbox(
+        conn,
+        LANE_PRIORITY,
+        "audit",
+        {
+            "id": cur.lastrowid,
+            "ts": ts,
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "detail": detail,
+        },
+    )

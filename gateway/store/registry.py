@@ -22,8 +22,19 @@ from gateway.store.records import LANE_STATE, audit, outbox
 from gateway.topics import filter_matches, valid_filter, valid_segment
 
 __all__ = [
-    "NewDevice", "add_device", "import_devices", "get_device", "list_devices", "update_device", "delete_device",
-    "add_integration", "add_user", "create_token", "lookup_token", "load_accounts", "device_row",
+    "NewDevice",
+    "add_device",
+    "add_integration",
+    "add_user",
+    "create_token",
+    "delete_device",
+    "device_row",
+    "get_device",
+    "import_devices",
+    "list_devices",
+    "load_accounts",
+    "lookup_token",
+    "update_device",
 ]
 
 DEVICE_TYPES = ("button", "watch", "repeater", "sensor")
@@ -54,12 +65,38 @@ def _check_device(d: NewDevice) -> None:
 
 
 def device_row(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRow:
-    (device_id, site, room, type_, name, disabled, online, changed, last_seen, battery, signal, firmware,
-     status_json, created_at, updated_at) = tuple(row)
+    (
+        device_id,
+        site,
+        room,
+        type_,
+        name,
+        disabled,
+        online,
+        changed,
+        last_seen,
+        battery,
+        signal,
+        firmware,
+        status_json,
+        created_at,
+        updated_at,
+    ) = tuple(row)
     return DeviceRow(
-        device_id=device_id, site=site, room=room, type=type_, name=name, disabled=bool(disabled),
-        online=bool(online), online_changed_at=changed, last_seen=last_seen, battery=battery, signal=signal,
-        firmware=firmware, status=json.loads(status_json) if status_json else {}, created_at=created_at,
+        device_id=device_id,
+        site=site,
+        room=room,
+        type=type_,
+        name=name,
+        disabled=bool(disabled),
+        online=bool(online),
+        online_changed_at=changed,
+        last_seen=last_seen,
+        battery=battery,
+        signal=signal,
+        firmware=firmware,
+        status=json.loads(status_json) if status_json else {},
+        created_at=created_at,
         updated_at=updated_at,
     )
 
@@ -71,8 +108,14 @@ DEVICE_COLUMNS = (
 
 
 def _device_body(d: DeviceRow) -> dict[str, Any]:
-    return {"device_id": d.device_id, "site": d.site, "room": d.room, "type": d.type, "name": d.name,
-            "disabled": d.disabled}
+    return {
+        "device_id": d.device_id,
+        "site": d.site,
+        "room": d.room,
+        "type": d.type,
+        "name": d.name,
+        "disabled": d.disabled,
+    }
 
 
 def add_device(conn: sqlite3.Connection, new: NewDevice, actor: str) -> tuple[DeviceRow, str]:
@@ -120,8 +163,10 @@ def import_devices(conn: sqlite3.Connection, path: Path, actor: str) -> list[tup
     device_rows, cred_rows, out = [], [], []
     for line, raw in rows:
         new = NewDevice(
-            device_id=(raw.get("device_id") or "").strip(), site=(raw.get("site") or "").strip(),
-            room=(raw.get("room") or "").strip(), type=(raw.get("type") or "").strip(),
+            device_id=(raw.get("device_id") or "").strip(),
+            site=(raw.get("site") or "").strip(),
+            room=(raw.get("room") or "").strip(),
+            type=(raw.get("type") or "").strip(),
             password=(raw.get("password") or "").strip() or None,
         )
         try:
@@ -139,14 +184,28 @@ def import_devices(conn: sqlite3.Connection, path: Path, actor: str) -> list[tup
     if existing:
         raise RegistryError(f"{path}: already registered: {', '.join(sorted(existing)[:10])}")
     conn.executemany(
-        "INSERT INTO devices(device_id, site, room, type, created_at, updated_at) VALUES (?,?,?,?,?,?)", device_rows
+        "INSERT INTO devices(device_id, site, room, type, created_at, updated_at) VALUES (?,?,?,?,?,?)",
+        device_rows,
     )
     conn.executemany(
-        "INSERT INTO credentials(username, kind, secret_hash, created_at) VALUES (?, 'device', ?, ?)", cred_rows
+        "INSERT INTO credentials(username, kind, secret_hash, created_at) VALUES (?, 'device', ?, ?)",
+        cred_rows,
     )
     for device_id, site, room, type_, _, _ in device_rows:
-        outbox(conn, LANE_STATE, "device", {"device_id": device_id, "site": site, "room": room, "type": type_,
-                                            "name": None, "disabled": False}, device_id)
+        outbox(
+            conn,
+            LANE_STATE,
+            "device",
+            {
+                "device_id": device_id,
+                "site": site,
+                "room": room,
+                "type": type_,
+                "name": None,
+                "disabled": False,
+            },
+            device_id,
+        )
     audit(conn, actor, "device.import", str(path.name), {"count": len(device_rows)})
     return out
 
@@ -169,10 +228,14 @@ def get_device(conn: sqlite3.Connection, device_id: str) -> DeviceRow:
 
 
 def list_devices(
-    conn: sqlite3.Connection, site: str | None = None, room: str | None = None, type_: str | None = None,
+    conn: sqlite3.Connection,
+    site: str | None = None,
+    room: str | None = None,
+    type_: str | None = None,
     online: bool | None = None,
 ) -> list[DeviceRow]:
-    where, params = [], []
+    where: list[str] = []
+    params: list[Any] = []
     for column, value in (("site", site), ("room", room), ("type", type_)):
         if value is not None:
             where.append(f"{column} = ?")
@@ -193,7 +256,9 @@ def update_device(conn: sqlite3.Connection, device_id: str, changes: dict[str, A
     if unknown:
         raise RegistryError(f"cannot change {', '.join(sorted(unknown))} (changeable: {', '.join(sorted(allowed))})")
     merged = NewDevice(
-        device_id, changes.get("site", current.site), changes.get("room", current.room),
+        device_id,
+        changes.get("site", current.site),
+        changes.get("room", current.room),
         changes.get("type", current.type),
     )
     _check_device(merged)
@@ -253,7 +318,7 @@ def add_user(conn: sqlite3.Connection, username: str, role: str, password: str, 
         (username, role, passwords.hash_password(password), time.time()),
     )
     audit(conn, actor, "user.add", username, {"role": role})
-    return User(username, role)  # type: ignore[arg-type]
+    return User(username, role)
 
 
 def count_users(conn: sqlite3.Connection) -> int:
@@ -309,8 +374,7 @@ def load_accounts(conn: sqlite3.Connection) -> tuple[int, dict[str, Account]]:
                 continue
             principal = Principal("device", username, device=device)
         else:
-            principal = Principal("integration", username, read=tuple(json.loads(read)),
-                                  write=tuple(json.loads(write)))
+            principal = Principal("integration", username, read=tuple(json.loads(read)), write=tuple(json.loads(write)))
         accounts[username] = Account(secret_hash, principal)
     return version, accounts
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-__all__ = ["MIGRATIONS", "connect", "migrate", "SCHEMA_VERSION"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "connect", "migrate"]
 
 # Each entry moves the schema from version i to i+1. Never edit a released entry: append a new one.
 MIGRATIONS: list[str] = [

@@ -9,6 +9,7 @@ replayed op by op inside savepoints so only the bad op fails and the others stil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
@@ -22,7 +23,7 @@ from gateway.errors import StoreError
 from gateway.metrics import Metrics
 from gateway.store.schema import connect, migrate
 
-__all__ = ["Writer", "Op"]
+__all__ = ["Op", "Writer"]
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
@@ -89,10 +90,8 @@ class Writer:
                     return
                 continue
             if len(self._pending) < self._cfg.batch_rows and not self._closing:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), flush_s)
-                except TimeoutError:
-                    pass
             batch = self._pending[: self._cfg.batch_rows]
             del self._pending[: len(batch)]
             self._full.clear()

@@ -12,6 +12,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from gateway.commands import COMMAND_COLUMNS, command_row
 from gateway.errors import NotFound, RegistryError
+from gateway.models import DeviceRow
 from gateway.store import registry
 from webui.auth import ANY, STAFF
 
@@ -31,7 +32,7 @@ class DeviceChange(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     site: str | msgspec.UnsetType = msgspec.UNSET
     room: str | msgspec.UnsetType = msgspec.UNSET
     type: str | msgspec.UnsetType = msgspec.UNSET
-    name: str | None | msgspec.UnsetType = msgspec.UNSET
+    name: str | msgspec.UnsetType | None = msgspec.UNSET
     disabled: bool | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -40,7 +41,7 @@ class CommandIn(msgspec.Struct, forbid_unknown_fields=True):
     args: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-def _device(d: registry.DeviceRow) -> dict[str, Any]:
+def _device(d: DeviceRow) -> dict[str, Any]:
     return dataclasses.asdict(d)
 
 
@@ -59,8 +60,12 @@ class DeviceController(Controller):
 
     @get("/", opt={"roles": ANY}, summary="List devices")
     async def list_(
-        self, request: Request[Any, Any, Any], site: str | None = None, room: str | None = None,
-        type: str | None = None, online: bool | None = None,
+        self,
+        request: Request[Any, Any, Any],
+        site: str | None = None,
+        room: str | None = None,
+        type: str | None = None,
+        online: bool | None = None,
     ) -> list[dict[str, Any]]:
         gw = request.app.state.gateway
         rows = await gw.reader.call(lambda c: registry.list_devices(c, site, room, type, online))
@@ -91,16 +96,24 @@ class DeviceController(Controller):
         gw.presence.forget(device_id)
         await gw.accounts.refresh()
 
-    @get("/{device_id:str}/measurements", opt={"roles": ANY},
-         summary="Measurements, oldest first: from `since` if given, else the latest `limit` rows")
+    @get(
+        "/{device_id:str}/measurements",
+        opt={"roles": ANY},
+        summary="Measurements, oldest first: from `since` if given, else the latest `limit` rows",
+    )
     async def measurements(
-        self, request: Request[Any, Any, Any], device_id: str, metric: str | None = None,
-        since: float | None = None, until: float | None = None,
+        self,
+        request: Request[Any, Any, Any],
+        device_id: str,
+        metric: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
         limit: Annotated[int, Parameter(ge=1, le=100_000)] = 1000,
     ) -> list[dict[str, Any]]:
         gw = request.app.state.gateway
         await gw.reader.call(lambda c: registry.get_device(c, device_id))
-        where, params = ["device_id = ?"], [device_id]
+        where: list[str] = ["device_id = ?"]
+        params: list[Any] = [device_id]
         if metric is not None:
             where.append("metric = ?")
             params.append(metric)
@@ -114,13 +127,19 @@ class DeviceController(Controller):
         if since is not None:
             sql = f"SELECT ts, metric, value FROM measurements WHERE {clause} ORDER BY ts, id LIMIT ?"
         else:
-            sql = (f"SELECT ts, metric, value FROM (SELECT id, ts, metric, value FROM measurements WHERE {clause} "
-                   "ORDER BY ts DESC, id DESC LIMIT ?) ORDER BY ts, id")
+            sql = (
+                f"SELECT ts, metric, value FROM (SELECT id, ts, metric, value FROM measurements WHERE {clause} "
+                "ORDER BY ts DESC, id DESC LIMIT ?) ORDER BY ts, id"
+            )
         rows = await gw.reader.fetchall(sql, [*params, limit])
         return [{"ts": ts, "metric": m, "value": v} for ts, m, v in rows]
 
-    @post("/{device_id:str}/command", opt={"roles": STAFF}, status_code=HTTP_202_ACCEPTED,
-          summary="Publish cmd/{name} at QoS 2 with a command id; its ack is tracked")
+    @post(
+        "/{device_id:str}/command",
+        opt={"roles": STAFF},
+        status_code=HTTP_202_ACCEPTED,
+        summary="Publish cmd/{name} at QoS 2 with a command id; its ack is tracked",
+    )
     async def command(self, request: Request[Any, Any, Any], device_id: str, data: CommandIn) -> dict[str, Any]:
         gw = request.app.state.gateway
         row = await gw.commands.send(device_id, data.name, data.args, request.state.user.username)
@@ -128,7 +147,9 @@ class DeviceController(Controller):
 
     @get("/{device_id:str}/commands", opt={"roles": ANY})
     async def commands(
-        self, request: Request[Any, Any, Any], device_id: str,
+        self,
+        request: Request[Any, Any, Any],
+        device_id: str,
         limit: Annotated[int, Parameter(ge=1, le=10_000)] = 100,
     ) -> list[dict[str, Any]]:
         gw = request.app.state.gateway

@@ -16,7 +16,10 @@ __all__ = ["healthz", "metrics"]
 async def healthz(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     gw = request.app.state.gateway
     body = gw.health()
-    body["store"] = {"used_bytes": await gw.db_used_bytes(), "budget_bytes": gw.cfg.store.max_db_mb * 1024 * 1024}
+    body["store"] = {
+        "used_bytes": await gw.db_used_bytes(),
+        "budget_bytes": gw.cfg.store.max_db_mb * 1024 * 1024,
+    }
     return Response(body, status_code=200 if body["status"] == "ok" else 503)
 
 
