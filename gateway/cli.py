@@ -137,17 +137,17 @@ async def _serve(cfg: config.Config) -> None:
 def _banner(gw: Any) -> None:
     host = gw.cfg.http.bind if gw.cfg.http.bind not in ("0.0.0.0", "::") else "localhost"
     mhost = gw.cfg.mqtt.bind if gw.cfg.mqtt.bind not in ("0.0.0.0", "::") else "localhost"
-    lines = [
-        f"Bosun {__version__} gateway {gw.gateway_id} is running (data in {gw.cfg.data_dir.resolve()})",
-        f"  MQTT   mqtt://{mhost}:{gw.mqtt_port}   (devices: bosun device add ...)",
-        f"  HTTP   http://{host}:{gw.http_port}   (health: /healthz, API: /api/v1, schema: /schema)",
-    ]
+    lines = [f"Bosun {__version__} gateway {gw.gateway_id} is running (data in {gw.cfg.data_dir.resolve()})"]
     if gw.bootstrap.admin_password:
         lines += [
             "  First start: created user 'admin' with password (shown once, store it now):",
             f"      {gw.bootstrap.admin_password}",
-            "  API token:  bosun token create --user admin" + (f" --data-dir {gw.cfg.data_dir}" if True else ""),
+            f"  API token:  bosun token create --user admin --data-dir {gw.cfg.data_dir}",
         ]
+    lines += [
+        f"  MQTT   mqtt://{mhost}:{gw.mqtt_port}   (devices: bosun device add ...)",
+        f"  HTTP   http://{host}:{gw.http_port}   (health: /healthz, API: /api/v1, schema: /schema)",
+    ]
     click.echo("\n".join(lines), err=False)
     sys.stdout.flush()
 
