@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEBS := mosquitto mosquitto-clients
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint types fmt bench clean deps venv
+.PHONY: run test check lint types fmt clean deps venv
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -45,9 +45,6 @@ fmt: .stamp-venv
 	$(BIN)/ruff check --fix gateway webui tests
 
 check: lint types test
-
-bench: deps
-	$(BIN)/python -m gateway.bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .stamp-* build *.egg-info
