@@ -9,9 +9,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test check lint types fmt clean deps venv
 
+# Debian ships venv support separately (python3.11-venv): install it when creating the venv fails
 $(BIN)/python:
-	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	@command -v $(PYTHON) >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q python3.11 python3.11-venv; }
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); $(SUDO) apt-get update -q && \
+		$(SUDO) apt-get install -y -q python3.11-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install -q --upgrade pip
 
 .stamp-venv: $(BIN)/python pyproject.toml
