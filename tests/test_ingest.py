@@ -225,3 +225,23 @@ async def test_missed_heartbeats_mark_a_device_offline(tmp_path, paho_clients) -
         assert [json.loads(r[0])["reason"] for r in rows] == ["message", "timeout"]
     finally:
         await gw.stop()
+
+
+async def test_a_write_that_fails_is_not_acknowledged(gateway: Running, paho_clients) -> None:
+    """MQTT 3.1.1 section 4.3.2: PUBACK hands the message over; if it did not reach the disk, no PUBACK."""
+    from conftest import db_write
+
+    device, _ = await _device(gateway, paho_clients)
+    db_write(
+        gateway.data_dir,
+        lambda c: c.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON traffic WHEN NEW.topic LIKE '%/press' "
+            "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
+        ),
+    )
+    info = device.client.publish(topic("btn-1", "press"), json.dumps({"sequence_id": 1}), qos=1)
+    await asyncio.to_thread(info.wait_for_publish, 2)
+    assert not info.is_published()
+    assert gateway.gw.health()["counters"]["drops"]["store_error"] == 1
+    # the connection and other messages are unaffected
+    await asyncio.to_thread(device.publish, topic("btn-1", "heartbeat"), "", 1)

@@ -27,6 +27,7 @@ from amqtt.session import ApplicationMessage, IncomingApplicationMessage, Sessio
 
 from gateway.broker.security import Gatekeeper, principal_of
 from gateway.config import MqttSection
+from gateway.errors import StoreError
 from gateway.ingest import Ingest, Message
 from gateway.metrics import Metrics
 from gateway.topics import filter_matches
@@ -101,7 +102,12 @@ class DurableHandler(BrokerProtocolHandler):
         assert self.session is not None
         await self.session.delivered_message_queue.put(app_message)
         # MQTT 3.1.1 section 4.3.2: PUBACK transfers ownership, so it waits for the COMMIT
-        await app_message.stored
+        try:
+            await app_message.stored
+        except StoreError as exc:
+            # not on disk, so not acknowledged: the device keeps the message and resends it (section 4.4)
+            log.error("no PUBACK for %s packet %s: %s", self.session.client_id, app_message.packet_id, exc)
+            return
         puback = PubackPacket.build(app_message.packet_id)
         await self._send_packet(puback)
         app_message.puback_packet = puback
@@ -115,9 +121,12 @@ def _settle(message: ApplicationMessage | None, outcome: asyncio.Future[Any] | N
         message.stored.set_result(None)
         return
 
-    def done(_: asyncio.Future[Any]) -> None:
-        # a failed write is counted by ingest; the PUBACK still goes out so the device does not stall
-        if not message.stored.done():
+    def done(result: asyncio.Future[Any]) -> None:
+        if message.stored.done():
+            return
+        if not result.cancelled() and result.exception() is not None:
+            message.stored.set_exception(StoreError(str(result.exception())))  # counted by ingest
+        else:
             message.stored.set_result(None)
 
     outcome.add_done_callback(done)
