@@ -125,12 +125,7 @@ class Presence:
 
     async def sweep(self, now: float) -> None:
         """Flush last_seen and mark silent devices offline (missed heartbeats)."""
-        if self._dirty:
-            rows = [(self._last_seen[d], d) for d in self._dirty]
-            self._dirty.clear()
-            await self._writer.enqueue(
-                lambda c: c.executemany("UPDATE devices SET last_seen = ? WHERE device_id = ?", rows) and None
-            )
+        await self._flush_last_seen()
         limit = now - self._cfg.timeout_s
         for device_id in [d for d in self._online if self._last_seen.get(d, 0.0) < limit]:
             self._online.discard(device_id)
@@ -158,9 +153,12 @@ class Presence:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
-        if self._dirty:
-            rows = [(self._last_seen[d], d) for d in self._dirty]
-            self._dirty.clear()
-            await self._writer.run(
-                lambda c: c.executemany("UPDATE devices SET last_seen = ? WHERE device_id = ?", rows) and None
-            )
+        await (await self._flush_last_seen())
+
+    async def _flush_last_seen(self) -> asyncio.Future[Any]:
+        """Queue one batched UPDATE of the last_seen values gathered since the previous flush."""
+        rows = [(self._last_seen[d], d) for d in self._dirty if d in self._last_seen]
+        self._dirty.clear()
+        return await self._writer.enqueue(
+            lambda c: c.executemany("UPDATE devices SET last_seen = ? WHERE device_id = ?", rows) and None
+        )
