@@ -7,7 +7,6 @@ everything queued before the process exits.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import sqlite3
@@ -207,11 +206,3 @@ class Gateway:
 
     async def db_used_bytes(self) -> int:
         return await self.reader.call(used_bytes)
-
-
-async def run_until(gateway: Gateway, stop: asyncio.Event) -> None:
-    await gateway.start()
-    try:
-        await stop.wait()
-    finally:
-        await gateway.stop()

@@ -19,7 +19,6 @@ __all__ = [
 ]
 
 SEGMENT = re.compile(r"[A-Za-z0-9_-]{1,64}")
-DEVICE_TYPES = ("button", "watch", "repeater", "sensor")
 
 
 def valid_segment(value: str) -> bool:

@@ -210,9 +210,7 @@ class GatewayBroker(Broker):
         self, client_session: Session, handler: BrokerProtocolHandler, disconnect_waiter: asyncio.Future[Any]
     ) -> None:
         # messages the client sent before DISCONNECT are still queued: ingest them first (stock drops them)
-        queue = client_session.delivered_message_queue
-        while not queue.empty():
-            await self._deliver(client_session, queue.get_nowait())
+        await self._drain_session(client_session)
         result = disconnect_waiter.result()
         abnormal = result is None or not isinstance(result, DisconnectPacket)
         if abnormal and client_session.will_flag and client_session.will_topic:
@@ -278,9 +276,7 @@ class GatewayBroker(Broker):
         # at shutdown: what a client already sent is ingested before its session goes away
         entry = self._sessions.get(client_id)
         if entry is not None:
-            queue = entry[0].delivered_message_queue
-            while not queue.empty():
-                await self._deliver(entry[0], queue.get_nowait())
+            await self._drain_session(entry[0])
         await super()._cleanup_session(client_id)
 
     def _count_connected(self) -> None:
@@ -314,6 +310,10 @@ class GatewayBroker(Broker):
     async def drain(self) -> None:
         """Ingest everything still queued in sessions (before the writer's last commit at shutdown)."""
         for session, _ in list(self._sessions.values()):
-            queue = session.delivered_message_queue
-            while not queue.empty():
-                await self._deliver(session, queue.get_nowait())
+            await self._drain_session(session)
+
+    async def _drain_session(self, session: Session) -> None:
+        """Ingest what a session already received and queued (before DISCONNECT or shutdown drops it)."""
+        queue = session.delivered_message_queue
+        while not queue.empty():
+            await self._deliver(session, queue.get_nowait())

@@ -19,7 +19,7 @@ from gateway import passwords
 from gateway.errors import Conflict, NotFound, RegistryError
 from gateway.models import ROLES, Device, DeviceRow, Principal, User
 from gateway.store.records import LANE_STATE, audit, outbox
-from gateway.topics import filter_matches, valid_filter, valid_segment
+from gateway.topics import valid_filter, valid_segment
 
 __all__ = [
     "NewDevice",
@@ -381,7 +381,3 @@ def load_accounts(conn: sqlite3.Connection) -> tuple[int, dict[str, Account]]:
 
 def registry_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT value FROM meta WHERE key = 'registry_version'").fetchone()[0])
-
-
-def pattern_allows(patterns: Iterable[str], topic: str) -> bool:
-    return any(filter_matches(p, topic) for p in patterns)
