@@ -14,6 +14,7 @@ from webui.auth import guard
 from webui.errors import handlers
 from webui.routes.data import list_events, list_traffic
 from webui.routes.devices import DeviceController, read_command
+from webui.routes.live import live
 from webui.routes.system import healthz, metrics
 
 __all__ = ["create_app"]
@@ -21,7 +22,7 @@ __all__ = ["create_app"]
 
 def create_app(gateway: Any) -> Litestar:
     return Litestar(
-        route_handlers=[healthz, metrics, DeviceController, read_command, list_events, list_traffic],
+        route_handlers=[healthz, metrics, DeviceController, read_command, list_events, list_traffic, live],
         guards=[guard],
         exception_handlers=handlers,
         state=State({"gateway": gateway}),
