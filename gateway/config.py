@@ -48,6 +48,12 @@ class MqttSection:
     anonymous_publish: list[str] = _help("Topic patterns anonymous clients may publish to.", [])
     anonymous_subscribe: list[str] = _help("Topic patterns anonymous clients may subscribe to.", [])
     anonymous_deny: list[str] = _help("Topic patterns anonymous clients may never use (wins over the allow lists).", [])
+    max_inflight: int = _help("Most unacknowledged QoS 1/2 messages in flight to one client; the rest wait.", 20)
+    session_queue_max: int = _help(
+        "Most messages waiting for one client (offline or slow) beyond max_inflight; the oldest are dropped, counted.",
+        1000,
+    )
+    connect_timeout_s: int = _help("Seconds a new connection has to send its CONNECT before it is closed.", 10)
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,11 @@ class StoreSection:
     flush_ms: int = _help("Longest a write waits before its group is committed, in milliseconds.", 10)
     batch_rows: int = _help("Most writes committed in one group.", 500)
     queue_max: int = _help("Most writes waiting for the writer; publishers wait beyond it (backpressure).", 20000)
-    synchronous: str = _help("SQLite synchronous mode: NORMAL survives a crash, FULL also a power cut.", "NORMAL")
+    synchronous: str = _help(
+        "SQLite synchronous mode for the write path: FULL survives a power cut (an acknowledged message is on disk), "
+        "NORMAL only a crash.",
+        "FULL",
+    )
     max_db_mb: int = _help("Disk budget for the database; oldest measurements and traffic go first.", 1024)
     traffic_rows: int = _help("Rows kept in the traffic log.", 100000)
     traffic_payload_bytes: int = _help("Bytes of each payload kept in the traffic log.", 1024)
@@ -173,6 +183,9 @@ def _validate(cfg: Config) -> None:
         ("store", "max_db_mb"),
         ("store", "traffic_rows"),
         ("store", "retention_check_s"),
+        ("mqtt", "max_inflight"),
+        ("mqtt", "session_queue_max"),
+        ("mqtt", "connect_timeout_s"),
         ("presence", "timeout_s"),
         ("presence", "check_s"),
         ("mqtt", "max_payload"),

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ class Ingest:
         self._presence = presence
         self._hub = hub
         self._metrics = metrics
+        self._latency = metrics.commit_latency
 
     def _drop(self, reason: str, msg: Message, detail: str) -> None:
         self._metrics.drops.labels(reason).inc()
@@ -66,12 +68,17 @@ class Ingest:
 
         The returned future resolves once the write is committed: that is when a QoS 1 PUBACK may go out.
         """
-        op = self._plan(msg)
-        future = await self._writer.enqueue(op)
-        future.add_done_callback(self._after_commit)
+        await self._writer.wait_room()
+        return self.submit(msg)
+
+    def submit(self, msg: Message) -> asyncio.Future[Any]:
+        """Queue the message's write now (the broker applies backpressure by pausing its reads)."""
+        future = self._writer.submit(self._plan(msg))
+        received_at = msg.received_at
+        future.add_done_callback(lambda f: self._after_commit(f, received_at))
         return future
 
-    def _after_commit(self, future: asyncio.Future[Any]) -> None:
+    def _after_commit(self, future: asyncio.Future[Any], received_at: float) -> None:
         if future.cancelled():
             return
         exc = future.exception()
@@ -79,6 +86,7 @@ class Ingest:
             self._metrics.drops.labels("store_error").inc()
             log.error("ingest write failed: %s", exc)
             return
+        self._latency.observe(time.time() - received_at)
         for kind, data in future.result() or ():
             self._presence.apply(kind, data)
             self._hub.publish(kind, data)

@@ -37,6 +37,12 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
+        self.commit_latency = Histogram(
+            "bosun_ingest_commit_seconds",
+            "From reading a PUBLISH to the COMMIT that stores it",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
         self.writer_queue = Gauge("bosun_writer_queue_depth", "Writes waiting for the writer", registry=r)
         self.ingest_queue = Gauge("bosun_ingest_queue_depth", "Messages waiting in session delivery queues", registry=r)
         self.devices_online = Gauge("bosun_devices_online", "Devices currently online", registry=r)

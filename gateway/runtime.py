@@ -114,7 +114,7 @@ class Gateway:
         stack.push_async_callback(self.retention.stop)
 
         self.broker = GatewayBroker(
-            broker_config(self.cfg.mqtt, self.gate), self.gate, self.ingest, self.metrics, self.cfg.mqtt
+            broker_config(self.cfg.mqtt), self.gate, self.ingest, self.metrics, self.cfg.mqtt, self.writer
         )
         await self.broker.start()
         stack.push_async_callback(self._stopped, "broker", self._stop_broker)
@@ -145,29 +145,13 @@ class Gateway:
         self.state[name] = "stopped"
 
     async def _stop_broker(self) -> None:
-        broker = self.broker
-        assert broker is not None
-        for server in broker._servers.values():
-            # stop accepting first, so nothing new arrives while sessions are drained
-            if server.instance is not None:
-                server.instance.close()
-        await broker.drain()
-        await broker.shutdown()
+        assert self.broker is not None
+        await self.broker.shutdown()
 
     async def _enforce_registry(self) -> None:
-        """After any registry change: disconnect devices that were disabled or deleted."""
-        if self.broker is None:
-            return
-        from gateway.broker.security import principal_of
-
-        for client_id, (session, _) in list(self.broker.sessions.items()):
-            principal = principal_of(session)
-            if principal is None or principal.kind != "device" or not session.transitions.is_connected():
-                continue
-            device = self.accounts.device(principal.name)
-            if device is None or device.disabled or device != principal.device:
-                log.warning("disconnecting %s: its registry entry changed", client_id)
-                await self.broker.disconnect_client(client_id)
+        """After any registry change: fresh ACL decisions; devices disabled, moved or deleted are disconnected."""
+        if self.broker is not None:
+            self.broker.accounts_changed()
 
     async def stop(self) -> None:
         await self._stack.aclose()

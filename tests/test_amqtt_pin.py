@@ -1,7 +1,8 @@
 """Fails loudly if the pinned amqtt internals that gateway/broker subclasses have changed.
 
-gateway/broker/server.py overrides private methods of amqtt 0.12.1 and reads private fields. An upgrade
-must re-check every override; these signatures and names are the contract.
+gateway/broker/server.py keeps amqtt's listeners and lifecycle and takes over each accepted connection. It
+overrides `stream_connected`, `ws_connected`, `start` and `shutdown`, and reads the private `_servers` map
+and amqtt's `Server` fields. An upgrade must re-check every one; these names and signatures are the contract.
 """
 
 from __future__ import annotations
@@ -10,21 +11,16 @@ import inspect
 from importlib.metadata import version
 
 import uvicorn
-from amqtt.broker import Broker
-from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import IncomingApplicationMessage, Session
+from amqtt.broker import Broker, Server
+
+from gateway.broker.server import broker_config
+from gateway.config import MqttSection
 
 OVERRIDDEN = {
-    "_initialize_client_session": ["self", "reader", "writer", "remote_address", "remote_port"],
-    "_topic_filtering": ["self", "session", "topic", "action"],
-    "_handle_message_delivery": ["self", "client_session", "handler", "wait_deliver"],
-    "_handle_disconnect": ["self", "client_session", "handler", "disconnect_waiter"],
-    "_client_message_loop": ["self", "client_session", "handler"],
-    "_cleanup_session": ["self", "client_id"],
-    "_stop_handler": ["self", "handler"],
-    "_publish_retained_messages_for_subscription": ["self", "subscription", "session"],
-    "_broadcast_message": ["self", "session", "topic", "data", "force_qos"],
-    "_get_handler": ["self", "session"],
+    "stream_connected": ["self", "reader", "writer", "listener_name"],
+    "ws_connected": ["self", "websocket", "listener_name"],
+    "start": ["self"],
+    "shutdown": ["self"],
 }
 
 
@@ -39,16 +35,22 @@ def test_overridden_broker_methods_keep_their_signatures() -> None:
         assert list(inspect.signature(method).parameters) == params, name
 
 
-def test_private_fields_we_read_exist() -> None:
-    source = inspect.getsource(Broker.__init__)
-    for field in ("self._servers", "self._sessions", "self._subscriptions", "self._retained_messages"):
-        assert field in source, field
-    handler = inspect.getsource(BrokerProtocolHandler)
-    assert "cls(plugins_manager, loop=loop)" in handler  # the handler class is fixed: we swap __class__ after
-    assert "__slots__" in inspect.getsource(IncomingApplicationMessage)
-    assert list(inspect.signature(BrokerProtocolHandler.handle_publish).parameters) == ["self", "publish_packet"]
-    flow = BrokerProtocolHandler._handle_qos1_message_flow
-    assert list(inspect.signature(flow).parameters) == ["self", "app_message"]
-    assert "delivered_message_queue.put(app_message)" in inspect.getsource(flow)
-    assert hasattr(Session(), "delivered_message_queue")
+def test_listeners_hand_connections_to_the_methods_we_override() -> None:
+    source = inspect.getsource(Broker._create_server_instance)
+    assert "partial(self.stream_connected, listener_name=listener_name)" in source
+    assert "partial(self.ws_connected, listener_name=listener_name)" in source
+    assert "self._servers[listener_name] = Server(" in inspect.getsource(Broker._start_listeners)
+
+
+def test_server_fields_we_read_exist() -> None:
+    server = Server("x", None, 3)  # type: ignore[arg-type]
+    assert server.semaphore is not None and server.max_connections == 3 and server.instance is None
+    assert callable(server.acquire_connection) and callable(server.release_connection)
+    assert "self._servers" in inspect.getsource(Broker.__init__)
     assert hasattr(uvicorn.Server, "capture_signals")
+
+
+async def test_an_empty_plugins_map_loads_no_plugin() -> None:
+    """Without a `plugins` key amqtt loads its event/packet loggers and $SYS plugin (Tasks per packet)."""
+    broker = Broker(broker_config(MqttSection(bind="127.0.0.1", port=0)))
+    assert broker.plugins_manager._plugins == []

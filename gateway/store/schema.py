@@ -147,6 +147,31 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
+MIGRATIONS.append(
+    """
+    -- MQTT sessions with clean session 0 (MQTT 3.1.1 section 3.1.2.4): they survive a gateway restart
+    CREATE TABLE mqtt_sessions (client_id TEXT PRIMARY KEY, username TEXT, created_at REAL NOT NULL);
+    CREATE TABLE mqtt_subscriptions (
+        client_id TEXT NOT NULL REFERENCES mqtt_sessions(client_id) ON DELETE CASCADE,
+        filter TEXT NOT NULL,
+        qos INTEGER NOT NULL,
+        PRIMARY KEY (client_id, filter)
+    );
+    -- QoS 1/2 messages queued or in flight to a persistent session; pid 0 = not sent yet
+    CREATE TABLE mqtt_messages (
+        client_id TEXT NOT NULL REFERENCES mqtt_sessions(client_id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        qos INTEGER NOT NULL,
+        pid INTEGER NOT NULL DEFAULT 0,
+        released INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (client_id, seq)
+    );
+    CREATE TABLE mqtt_retained (topic TEXT PRIMARY KEY, payload BLOB NOT NULL, qos INTEGER NOT NULL);
+    """
+)
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,7 +1,8 @@
 """The single writer: one thread owns the SQLite write connection and commits work in groups.
 
 Work is a function of the connection (`Op`). Callers `await writer.run(op)` (resolved after the COMMIT
-that contains it) or `await writer.enqueue(op)` (waits only for queue space, returns the future).
+that contains it) or `await writer.enqueue(op)` (waits only for queue space, returns the future). The broker
+uses `submit(op)`, which never waits, and stops reading its sockets while `congested` (backpressure).
 A group closes after `flush_ms` or `batch_rows` ops, whichever comes first. If one op fails, the group is
 replayed op by op inside savepoints so only the bad op fails and the others still commit.
 """
@@ -36,7 +37,8 @@ class Writer:
         self._cfg = cfg
         self._metrics = metrics
         self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
-        self._space = asyncio.Semaphore(cfg.queue_max)
+        self._room = asyncio.Event()
+        self._room.set()
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bosun-writer")
@@ -62,18 +64,33 @@ class Writer:
     def depth(self) -> int:
         return len(self._pending)
 
-    async def enqueue(self, op: Op) -> asyncio.Future[Any]:
-        """Queue `op`; wait while the queue is full (backpressure). The future resolves after COMMIT."""
+    @property
+    def congested(self) -> bool:
+        return len(self._pending) >= self._cfg.queue_max
+
+    async def wait_room(self) -> None:
+        """Return once the queue is below its bound again."""
+        while len(self._pending) >= self._cfg.queue_max:
+            self._room.clear()
+            await self._room.wait()
+
+    def submit(self, op: Op) -> asyncio.Future[Any]:
+        """Queue `op` now, whatever the depth; callers that can wait check `congested` and `wait_room`."""
         if self._closing:
             raise StoreError("the writer is stopping")
-        await self._space.acquire()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((op, future))
-        self._metrics.writer_queue.set(len(self._pending))
-        self._wakeup.set()
-        if len(self._pending) >= self._cfg.batch_rows:
+        pending = self._pending
+        pending.append((op, future))
+        if len(pending) == 1:
+            self._wakeup.set()
+        elif len(pending) >= self._cfg.batch_rows:
             self._full.set()
         return future
+
+    async def enqueue(self, op: Op) -> asyncio.Future[Any]:
+        """Queue `op`; wait while the queue is full (backpressure). The future resolves after COMMIT."""
+        await self.wait_room()
+        return self.submit(op)
 
     async def run(self, op: Op) -> Any:
         """Run `op` in the next group and return its result once committed."""
@@ -110,8 +127,9 @@ class Writer:
             self._metrics.writer_batch.observe(len(batch))
             self._metrics.writer_commit.observe(elapsed)
             self._metrics.writer_queue.set(len(self._pending))
+            if len(self._pending) < self._cfg.queue_max:
+                self._room.set()
             for (_, future), (ok, value) in zip(batch, results, strict=True):
-                self._space.release()
                 if future.done():
                     continue
                 if ok:

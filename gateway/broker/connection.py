@@ -1,0 +1,348 @@
+"""One MQTT client connection: read, parse and act on packets in order, in one coroutine.
+
+Why not amqtt's handler: it ran a Task per packet, a `wait_for` per read and ignored keep-alive. Here a read
+returns whatever bytes arrived, the parser cuts them into packets and each is handled inline, in order, so
+what a client sent before its DISCONNECT is always processed (stock lost it on Python 3.12+). Acks for
+QoS 1/2 wait for the COMMIT of the message and still go out in PUBLISH order (MQTT 3.1.1 section 4.6).
+While the writer is congested the loop stops reading: the client's TCP window fills and it slows down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from gateway.broker import packets
+from gateway.broker.packets import Malformed
+from gateway.broker.security import SUBSCRIBE
+from gateway.broker.session import Session, Will
+from gateway.topics import valid_filter
+
+if TYPE_CHECKING:
+    from gateway.broker.server import GatewayBroker
+
+__all__ = ["Connection", "Transport"]
+
+log = logging.getLogger(__name__)
+
+_READ_SIZE = 65536
+_HIGH_WATER = 1 << 20  # bytes buffered for a client before it counts as slow
+
+
+class Transport:
+    """Bytes in and out over TCP/TLS (asyncio streams); the WebSocket listener subclasses it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._transport = writer.transport
+        self._transport.set_write_buffer_limits(high=_HIGH_WATER)
+
+    async def read(self) -> bytes:
+        try:
+            return await self._reader.read(_READ_SIZE)
+        except (ConnectionError, OSError):
+            return b""
+
+    def write(self, data: bytes) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    @property
+    def congested(self) -> bool:
+        return self._transport.get_write_buffer_size() >= _HIGH_WATER
+
+    async def drained(self) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.drain()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def peer(self) -> str:
+        info = self._writer.get_extra_info("peername")
+        return f"{info[0]}:{info[1]}" if isinstance(info, tuple) else "?"
+
+
+class Connection:
+    def __init__(self, broker: GatewayBroker, transport: Transport) -> None:
+        self.broker = broker
+        self.transport = transport
+        self.session: Session | None = None
+        self.remote = transport.peer()
+        self._parser = packets.Parser(broker.max_packet)
+        self._acks: deque[tuple[int, int, asyncio.Future[Any] | None]] = deque()
+        self._keep_alive = 0.0
+        self._last_rx = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._graceful = False
+        self._closed = False
+        self._draining: asyncio.Task[None] | None = None
+        self.reason = "closed by client"
+
+    # -- the read loop -------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.broker.cfg.connect_timeout_s, self._connect_timeout)
+        try:
+            await self._serve(loop)
+        except Malformed as exc:
+            self.broker.metrics.drops.labels("protocol_error").inc()
+            log.warning("closing %s (%s): %s", self._name(), self.remote, exc)
+            self.reason = f"protocol error: {exc}"
+        except Exception:
+            log.exception("closing %s (%s) after an unexpected error", self._name(), self.remote)
+            self.reason = "internal error"
+        finally:
+            self._finish()
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        broker = self.broker
+        writer = broker.store_writer
+        while not self._closed:
+            data = await self.transport.read()
+            if not data:
+                return
+            self._last_rx = loop.time()
+            for kind, flags, body in self._parser.feed(data):
+                if kind == packets.PUBLISH:
+                    if self.session is None:
+                        raise Malformed("section 3.1: the first packet must be CONNECT")
+                    self._on_publish(flags, body)
+                elif kind == packets.PUBACK or kind == packets.PUBCOMP:
+                    self._on_done(packets.decode_pid(body))
+                elif kind == packets.PINGREQ:
+                    self.transport.write(packets.pingresp())
+                elif kind == packets.CONNECT:
+                    if self.session is not None:
+                        raise Malformed("section 3.1.0: a second CONNECT")
+                    if not await self._on_connect(body):
+                        return
+                elif self.session is None:
+                    raise Malformed("section 3.1: the first packet must be CONNECT")
+                elif kind == packets.PUBREC:
+                    self._on_pubrec(packets.decode_pid(body))
+                elif kind == packets.PUBREL:
+                    self._on_pubrel(packets.decode_pid(body))
+                elif kind == packets.SUBSCRIBE:
+                    self._on_subscribe(body)
+                elif kind == packets.UNSUBSCRIBE:
+                    self._on_unsubscribe(body)
+                elif kind == packets.DISCONNECT:
+                    self._graceful = True
+                    self.reason = "DISCONNECT"
+                    return
+                else:
+                    raise Malformed(f"section 2.2.1: a client may not send packet type {kind}")
+            if writer.congested:
+                # backpressure: stop reading until the writer catches up (the socket buffers, then TCP pushes back)
+                broker.metrics.drops.labels("backpressure_pause").inc()
+                await writer.wait_room()
+
+    # -- CONNECT -------------------------------------------------------------------------------------------
+
+    async def _on_connect(self, body: bytes) -> bool:
+        request = packets.decode_connect(body)
+        if request.level != 4:
+            # section 3.1.2.2: unsupported protocol level -> return code 1 and close
+            self.transport.write(packets.connack(False, 1))
+            self.reason = f"protocol level {request.level}"
+            self.broker.metrics.auth_failures.labels("protocol_level").inc()
+            return False
+        if request.errors:
+            self.transport.write(packets.connack(False, 4))
+            self.reason = request.errors[0]
+            return False
+        if not request.client_id:
+            if not request.clean:
+                # section 3.1.3.1: an empty client id needs clean session 1
+                self.transport.write(packets.connack(False, 2))
+                self.reason = "empty client id with clean session 0"
+                return False
+            request.client_id = f"auto-{secrets.token_hex(8)}"
+        principal = await self.broker.gate.authenticate(
+            request.client_id, request.username, request.password, request.will_topic, self.remote
+        )
+        if principal is None or self._closed:
+            self.transport.write(packets.connack(False, 5))
+            self.reason = "not authorized"
+            return False
+        will = None
+        if request.will_topic is not None:
+            will = Will(request.will_topic, request.will_payload, request.will_qos, request.will_retain)
+        session, present = self.broker.attach(self, request.client_id, request.clean, request.username, principal)
+        session.will = will
+        self.session = session
+        self.transport.write(packets.connack(present, 0))
+        self._keep_alive = request.keep_alive * 1.5  # section 3.1.2.10
+        self._arm()
+        self.broker.resume(session)
+        return True
+
+    def _connect_timeout(self) -> None:
+        if self.session is None and not self._closed:
+            self.reason = "no CONNECT in time"
+            self.broker.metrics.drops.labels("connect_timeout").inc()
+            self.close()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._keep_alive > 0:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(self._last_rx + self._keep_alive, self._check_alive)
+
+    def _check_alive(self) -> None:
+        """Section 3.1.2.10: nothing heard for 1.5 x keep-alive: close as if the network failed (will goes out)."""
+        self._timer = None
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self._last_rx + self._keep_alive
+        if loop.time() < deadline:
+            self._timer = loop.call_at(deadline, self._check_alive)
+            return
+        self.reason = f"keep-alive expired ({self._keep_alive / 1.5:g} s x 1.5)"
+        self.broker.metrics.drops.labels("keepalive_timeout").inc()
+        log.info("closing %s (%s): %s", self._name(), self.remote, self.reason)
+        self.close()
+
+    # -- inbound PUBLISH and its acknowledgement -----------------------------------------------------------
+
+    def _on_publish(self, flags: int, body: bytes) -> None:
+        topic, pid, payload = packets.decode_publish(flags, body)
+        qos = (flags >> 1) & 3
+        session = self.session
+        assert session is not None
+        if qos == 2 and pid in session.incoming:
+            # section 4.3.3: a resent QoS 2 PUBLISH before PUBREL is not a new message; PUBREC it again
+            self._ack_after(packets.PUBREC, pid, session.incoming[pid])
+            return
+        if not topic or "+" in topic or "#" in topic:
+            self.broker.metrics.drops.labels("invalid_topic").inc()
+            raise Malformed(f"section 3.3.2.1: PUBLISH topic {topic!r} is empty or has wildcards")
+        stored = self.broker.accept(session, topic, payload, qos, bool(flags & 1))
+        if qos == 1:
+            self._ack_after(packets.PUBACK, pid, stored)
+        elif qos == 2:
+            session.incoming[pid] = stored
+            self._ack_after(packets.PUBREC, pid, stored)
+
+    def _ack_after(self, kind: int, pid: int, stored: asyncio.Future[Any] | None) -> None:
+        """Acknowledge once `stored` commits (None: nothing to store), keeping PUBLISH order (section 4.6)."""
+        if stored is None and not self._acks:
+            self.transport.write(packets.ack(kind, pid))
+            return
+        self._acks.append((kind, pid, stored))
+        if stored is not None:
+            stored.add_done_callback(self._flush_acks)
+
+    def _flush_acks(self, _: object = None) -> None:
+        acks = self._acks
+        out: list[bytes] = []
+        while acks:
+            kind, pid, stored = acks[0]
+            if stored is not None:
+                if not stored.done():
+                    break
+                if stored.cancelled() or stored.exception() is not None:
+                    # not on disk, so not acknowledged: the client keeps it and resends it (section 4.4)
+                    acks.popleft()
+                    log.error("no acknowledgement for %s packet %d: the write failed", self._name(), pid)
+                    if kind == packets.PUBREC and self.session is not None:
+                        self.session.incoming.pop(pid, None)
+                    continue
+            acks.popleft()
+            out.append(packets.ack(kind, pid))
+        if out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _on_pubrel(self, pid: int) -> None:
+        assert self.session is not None
+        self.session.incoming.pop(pid, None)
+        self.transport.write(packets.ack(packets.PUBCOMP, pid))  # section 4.3.3: PUBCOMP even for an unknown id
+
+    # -- outbound acknowledgements -------------------------------------------------------------------------
+
+    def _on_done(self, pid: int) -> None:
+        if self.session is not None:
+            self.broker.delivered(self.session, pid)
+
+    def _on_pubrec(self, pid: int) -> None:
+        assert self.session is not None
+        self.broker.released(self.session, pid)
+
+    # -- SUBSCRIBE / UNSUBSCRIBE ---------------------------------------------------------------------------
+
+    def _on_subscribe(self, body: bytes) -> None:
+        session = self.session
+        assert session is not None
+        pid, requests = packets.decode_subscribe(body)
+        codes: list[int] = []
+        granted: list[tuple[str, int]] = []
+        for topic_filter, qos in requests:
+            if not valid_filter(topic_filter) or not self.broker.gate.allows(
+                session.principal, topic_filter, SUBSCRIBE
+            ):
+                codes.append(0x80)  # section 3.9.3: failure
+                continue
+            self.broker.subscribe(session, topic_filter, qos)
+            codes.append(qos)
+            granted.append((topic_filter, qos))
+        self.transport.write(packets.suback(pid, codes))
+        for topic_filter, qos in granted:
+            self.broker.send_retained(session, topic_filter, qos)
+
+    def _on_unsubscribe(self, body: bytes) -> None:
+        session = self.session
+        assert session is not None
+        pid, filters = packets.decode_unsubscribe(body)
+        for topic_filter in filters:
+            self.broker.unsubscribe(session, topic_filter)
+        self.transport.write(packets.unsuback(pid))
+
+    # -- output and closing --------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    @property
+    def congested(self) -> bool:
+        return self.transport.congested
+
+    def wait_drain(self) -> None:
+        """A slow client's buffer is full: deliver what waits in its session once it drains."""
+        if self._draining is not None or self._closed:
+            return
+
+        async def drain() -> None:
+            await self.transport.drained()
+            self._draining = None
+            if self.session is not None and self.session.link is self:
+                self.broker.pump(self.session)
+
+        self._draining = asyncio.get_running_loop().create_task(drain())
+
+    def close(self) -> None:
+        """Close the socket; the read loop ends and `_finish` publishes the will unless it was graceful."""
+        if not self._closed:
+            self._closed = True
+            self.transport.close()
+
+    def _finish(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._closed = True
+        self.transport.close()
+        if self.session is not None:
+            self.broker.detach(self, graceful=self._graceful)
+
+    def _name(self) -> str:
+        return self.session.client_id if self.session is not None else "a client"
