@@ -1,0 +1,284 @@
+"""The figures as rich tables and a chart, the targets with pass/fail, and the JSON file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["evaluate", "render", "write_json"]
+
+FULL_DEVICES = 1000
+TARGET_RATE = 10_000.0
+_SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.1f}"
+
+
+def _pair(figures: dict[str, Any] | None) -> str:
+    if not figures or figures.get("p50") is None:
+        return "n/a"
+    return f"{_ms(figures['p50'])} / {_ms(figures['p99'])}"
+
+
+def _at_target(runs: list[dict[str, Any]], sync: str) -> dict[str, Any] | None:
+    """The run of this sync mode closest to 10,000 msg/s."""
+    candidates = [r for r in runs if r.get("synchronous") == sync and "stored_per_s" in r]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda r: abs(float(r["rate"]) - TARGET_RATE))
+
+
+def _target(
+    name: str, goal: str, value: float | None, shown: str, ok: Callable[[float], bool], notes: list[str]
+) -> dict[str, Any]:
+    verdict = "n/a" if value is None else "pass" if ok(value) else "fail"
+    return {"target": name, "goal": goal, "value": value, "shown": shown, "verdict": verdict, "note": "; ".join(notes)}
+
+
+def _at_least(need: float) -> Callable[[float], bool]:
+    return lambda value: value >= need
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the issue with its measured value, pass/fail, and why the comparison may not hold."""
+    runs: list[dict[str, Any]] = results.get("durable", [])
+    devices = int(results.get("settings", {}).get("devices", 0))
+    scale = [] if devices >= FULL_DEVICES else [f"{devices} devices, the target assumes {FULL_DEVICES:,}"]
+    out = []
+
+    full = [r for r in runs if r.get("synchronous") == "FULL" and "stored_per_s" in r]
+    sustained = [r for r in full if r.get("sustained")]
+    best = max(sustained, key=lambda r: r["stored_per_s"]) if sustained else None
+    notes = list(scale)
+    if best is None and full:
+        tried = ", ".join(f"{r['rate']:,.0f}" for r in full)
+        notes.append(f"no rate sustained (of {tried})")
+    elif best is not None and best["rate"] < 20_000:
+        notes.append(f"highest sustained offered rate {best['rate']:,.0f} msg/s: run --rates with 20000 or more")
+    value = float(best["stored_per_s"]) if best else (max(r["stored_per_s"] for r in full) if full else None)
+    out.append(
+        _target(
+            "stored msg/s, QoS 1, synchronous=FULL",
+            ">= 20,000 sustained",
+            value,
+            "n/a" if value is None else f"{value:,.0f}",
+            lambda v: best is not None and best["rate"] >= 20_000 and v >= 0.95 * 20_000,
+            notes,
+        )
+    )
+
+    for sync in ("FULL", "NORMAL"):
+        run = _at_target(runs, sync)
+        p99 = (run.get("puback_ms") or {}).get("p99") if run else None
+        notes = list(scale)
+        if run is not None and run["rate"] != TARGET_RATE:
+            notes.append(f"measured at {run['rate']:,.0f} msg/s")
+        out.append(
+            _target(f"PUBACK p99 at 10,000 msg/s, {sync}", "< 50 ms", p99, _ms(p99) + " ms", lambda v: v < 50, notes)
+        )
+
+    relay = results.get("relay", {})
+    for qos, need in (("qos0", 0.8), ("qos1", 1.0)):
+        ratio = relay.get("ratio", {}).get(qos, {})
+        value = ratio.get("rate")
+        notes = []
+        ours, theirs = relay.get("gateway", {}).get(qos), relay.get("mosquitto", {}).get(qos)
+        if ours and theirs:
+            notes.append(f"{ours['rate']:,.0f} vs {theirs['rate']:,.0f} msg/s")
+            if ratio.get("cpu_us_per_msg") is not None:
+                notes.append(f"CPU/msg x{ratio['cpu_us_per_msg']:.1f}")
+            if not ours["complete"]:
+                notes.append(f"gateway delivered {ours['received']:,}/{ours['messages']:,}")
+        idle = relay.get("gateway", {}).get("idle_connected")
+        if idle is not None and idle < FULL_DEVICES:
+            notes.append(f"{idle} idle subscribers, the target assumes {FULL_DEVICES:,}")
+        shown = "n/a" if value is None else f"{value:.0%} of Mosquitto"
+        out.append(_target(f"relay QoS {qos[-1]} vs Mosquitto", f">= {need:.0%}", value, shown, _at_least(need), notes))
+
+    run = _at_target(runs, "FULL")
+    p99 = (run.get("live_ms") or {}).get("p99") if run else None
+    notes = list(scale)
+    if run is not None and run["rate"] != TARGET_RATE:
+        notes.append(f"measured at {run['rate']:,.0f} msg/s")
+    if run is not None and run.get("live_ms", {}).get("lost"):
+        notes.append(f"{run['live_ms']['lost']} presses never arrived")
+    out.append(
+        _target("publish-to-live-bus p99 at 10,000 msg/s", "< 50 ms", p99, _ms(p99) + " ms", lambda v: v < 50, notes)
+    )
+
+    peaks = [r["rss_mb_peak"] for r in full]
+    rss = max(peaks) if peaks else None
+    out.append(
+        _target(
+            "gateway RSS, devices connected, under load",
+            "< 150 MB",
+            rss,
+            "n/a" if rss is None else f"{rss:,.0f} MB",
+            lambda v: v < 150,
+            list(scale),
+        )
+    )
+    return out
+
+
+def _durable_table(runs: list[dict[str, Any]]) -> Table:
+    table = Table(title="Durable ingest: devices publish telemetry, every message stored", title_justify="left")
+    for name in ("sync", "offered/s", "sent/s", "acked/s", "stored/s", "blocked", "PUBACK ms p50/p99"):
+        table.add_column(name, justify="right")
+    for name in ("commit ms p50/p99", "live bus ms p50/p99", "CPU %", "RSS MB", "sustained"):
+        table.add_column(name, justify="right")
+    for r in runs:
+        if "stored_per_s" not in r:
+            table.add_row(r.get("synchronous", "?"), f"{r.get('rate', 0):,.0f}", r.get("error", "failed"))
+            continue
+        table.add_row(
+            r["synchronous"],
+            f"{r['offered_per_s']:,.0f}",
+            f"{r['sent_per_s']:,.0f}",
+            f"{r['acked_per_s']:,.0f}",
+            f"{r['stored_per_s']:,.0f}",
+            f"{r['blocked']:,}",
+            _pair(r.get("puback_ms")),
+            _pair(r.get("commit_ms")),
+            _pair(r.get("live_ms")),
+            f"{r['cpu_percent']:.0f}",
+            f"{r['rss_mb_peak']:.0f}",
+            "[green]yes[/]" if r["sustained"] else "[red]no[/]",
+        )
+    return table
+
+
+def _relay_table(relay: dict[str, Any]) -> Table:
+    table = Table(
+        title="Relay: 1 publisher -> 1 wildcard subscriber, with idle subscribers on their own filters",
+        title_justify="left",
+    )
+    for name in ("broker", "QoS", "delivered", "msg/s", "broker CPU µs/msg", "broker CPU %", "RSS MB idle"):
+        table.add_column(name, justify="right")
+    for broker in ("gateway", "mosquitto"):
+        figures = relay.get(broker, {})
+        for qos in ("qos0", "qos1"):
+            f = figures.get(qos)
+            if not f:
+                continue
+            delivered = f"{f['received']:,}/{f['messages']:,}"
+            table.add_row(
+                broker,
+                qos[-1],
+                delivered if f["complete"] else f"[yellow]{delivered}[/]",
+                f"{f['rate']:,.0f}",
+                _ms(f["cpu_us_per_msg"]),
+                _ms(f["broker_cpu_percent"]),
+                _ms(figures.get("rss_mb_idle")),
+            )
+    for qos, ratio in relay.get("ratio", {}).items():
+        rate, cpu = ratio.get("rate"), ratio.get("cpu_us_per_msg")
+        table.add_row(
+            "gateway/mosquitto",
+            qos[-1],
+            "",
+            "n/a" if rate is None else f"{rate:.2f}x",
+            "n/a" if cpu is None else f"{cpu:.2f}x",
+            "",
+            "",
+            style="bold",
+        )
+    return table
+
+
+def _targets_table(targets: list[dict[str, Any]]) -> Table:
+    table = Table(title="Targets", title_justify="left")
+    table.add_column("target")
+    table.add_column("goal")
+    table.add_column("measured", justify="right")
+    table.add_column("verdict", justify="center")
+    table.add_column("note", style="dim")
+    colours = {"pass": "bold green", "fail": "bold red", "n/a": "dim"}
+    for t in targets:
+        verdict = Text(t["verdict"].upper(), style=colours[t["verdict"]])
+        table.add_row(t["target"], t["goal"], t["shown"], verdict, t["note"])
+    return table
+
+
+def _bar(value: float, top: float, width: int = 36) -> str:
+    cells = 0 if top <= 0 else round(width * min(value, top) / top)
+    return "█" * cells
+
+
+def _spark(values: list[float]) -> str:
+    top = max(values, default=0.0)
+    if top <= 0:
+        return ""
+    return "".join(_SPARK[min(len(_SPARK) - 1, int(v / top * (len(_SPARK) - 1) + 0.5))] for v in values)
+
+
+def _chart(runs: list[dict[str, Any]]) -> Panel | None:
+    rows = [r for r in runs if r.get("puback_ms") and r["puback_ms"].get("p50") is not None]
+    timed = [r for r in runs if r.get("timeline")]
+    if not rows and not timed:
+        return None
+    table = Table.grid(padding=(0, 1))
+    table.add_column(justify="right", style="bold")
+    table.add_column()
+    table.add_column(justify="right")
+    top = max((r["puback_ms"]["p99"] for r in rows), default=0.0)
+    for r in rows:
+        for label, style in (("p50", "green"), ("p90", "yellow"), ("p99", "red")):
+            value = r["puback_ms"][label]
+            name = f"{r['synchronous']} {r['rate'] / 1000:g}k {label}" if label == "p50" else label
+            table.add_row(name, Text(_bar(value, top), style=style), f"{value:,.1f} ms")
+    for r in timed:
+        series = [point["stored_per_s"] for point in r["timeline"]]
+        table.add_row(
+            f"{r['synchronous']} {r['rate'] / 1000:g}k stored/s",
+            Text(_spark(series), style="cyan"),
+            f"{min(series):,.0f}-{max(series):,.0f}",
+        )
+    return Panel(table, title="PUBACK latency (bars) and stored msg/s per second (sparkline)", expand=False)
+
+
+def render(results: dict[str, Any], console: Console) -> None:
+    machine = results.get("machine", {})
+    parts: list[Any] = [
+        Text(
+            f"{machine.get('cpus')} x {machine.get('cpu_model')}, Python {machine.get('python')}, "
+            f"amqtt {machine.get('amqtt')}, SQLite {machine.get('sqlite')}, Mosquitto {machine.get('mosquitto')}, "
+            f"load average {machine.get('load_average')}",
+            style="dim",
+        )
+    ]
+    for sync, c in results.get("connect", {}).items():
+        parts.append(
+            Text(
+                f"{sync}: {c['connected']}/{c['devices']} devices connected in {c['connect_s']:.1f} s, "
+                f"gateway RSS {c['rss_mb_connected']:.0f} MB"
+            )
+        )
+    runs = results.get("durable", [])
+    if runs:
+        parts.append(_durable_table(runs))
+    chart = _chart(runs)
+    if chart is not None:
+        parts.append(chart)
+    relay = results.get("relay", {})
+    if relay.get("gateway") or relay.get("mosquitto"):
+        parts.append(_relay_table(relay))
+    parts.append(_targets_table(results.get("targets", [])))
+    for note in results.get("notes", []):
+        parts.append(Text(f"note: {note}", style="yellow"))
+    for error in results.get("errors", []):
+        parts.append(Text(f"error in {error['phase']}: {error['error']}", style="bold red"))
+    console.print(Group(*parts))
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -1,0 +1,326 @@
+"""The whole benchmark run: gateway with synchronous=FULL, gateway with NORMAL (plus relay), Mosquitto relay.
+
+Every phase is bounded in time and its failure is recorded, not fatal: a slow or crashing broker yields low
+figures and an error note, and the next phase still runs. Every subprocess and the temporary directory are
+cleaned up on the way out, Ctrl-C included (AsyncExitStack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import platform
+import shutil
+import sqlite3
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from gateway import __version__, config
+from gateway.bench import procs
+from gateway.bench.loadgen import Fleet, connect_many
+from gateway.bench.scenarios import HOST, DurablePlan, DurableSession, RelayPlan, Report, idle_clients, relay
+from gateway.bench.seed import Seeded, mqtt_root, seed
+
+__all__ = ["Settings", "machine_info", "run"]
+
+PREFIX = "bench"  # topic prefix of the anonymous relay clients (outside the device protocol's root)
+
+
+@dataclass(frozen=True)
+class Settings:
+    devices: int = 1000
+    rates: tuple[float, ...] = (10_000.0, 20_000.0)
+    duration: float = 20.0
+    warmup: float = 5.0
+    normal_duration: float = 10.0
+    qos: int = 1
+    inflight: int = 20
+    probe_rate: float = 20.0
+    idle: int = 1000
+    relay_qos0: int = 50_000
+    relay_qos1: int = 30_000
+    relay_inflight: int = 1000
+    relay_deadline: float = 60.0
+    relay_sync: str = "NORMAL"
+    skip_relay: bool = False
+    skip_mosquitto: bool = False
+    quick: bool = False
+    out: str = "bench-results.json"
+
+    @property
+    def target_rate(self) -> float:
+        """The rate of the NORMAL run and of the 10,000 msg/s targets: 10,000 if asked for, else the first."""
+        return 10_000.0 if 10_000.0 in self.rates else self.rates[0]
+
+
+@dataclass
+class Ui:
+    progress: Progress
+    console: Console
+
+    def phase(self, name: str) -> tuple[TaskID, Report]:
+        task = self.progress.add_task(name, total=1.0, info="")
+
+        def report(fraction: float, info: str) -> None:
+            self.progress.update(task, completed=max(0.0, min(1.0, fraction)), info=info)
+
+        return task, report
+
+    def done(self, task: TaskID, info: str) -> None:
+        self.progress.update(task, completed=1.0, info=info)
+
+
+@dataclass
+class Results:
+    settings: Settings
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data.update(
+            {
+                "version": 1,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "settings": dataclasses.asdict(self.settings),
+                "machine": {},
+                "connect": {},
+                "durable": [],
+                "relay": {"gateway": {}, "mosquitto": {}, "ratio": {}},
+                "errors": [],
+                "notes": [],
+            }
+        )
+
+    def error(self, phase: str, exc: BaseException) -> None:
+        self.data["errors"].append({"phase": phase, "error": f"{type(exc).__name__}: {exc}".rstrip(": ")})
+
+
+def machine_info(mosquitto: str | None) -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "memory_mb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "bosun": __version__,
+        "amqtt": version("amqtt"),
+        "uvloop": version("uvloop"),
+        "sqlite": sqlite3.sqlite_version,
+        "mosquitto": procs.mosquitto_version(mosquitto) if mosquitto else "not installed",
+    }
+
+
+async def run(settings: Settings, console: Console) -> dict[str, Any]:
+    results = Results(settings)
+    results.data["settings"]["gateway_env"] = gateway_overrides(settings)
+    mosquitto = procs.mosquitto_binary()
+    results.data["machine"] = machine_info(mosquitto)
+    columns = (
+        TextColumn("[bold]{task.description:<24}"),
+        BarColumn(bar_width=30),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    async with AsyncExitStack() as stack:
+        tmp = Path(tempfile.mkdtemp(prefix="bosun-bench-"))
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        progress = stack.enter_context(Progress(*columns, console=console, refresh_per_second=4))
+        ui = Ui(progress, console)
+        root = mqtt_root()
+        await _guarded(results, "gateway FULL", _gateway_phase(settings, tmp, "FULL", root, ui, results, relay=False))
+        normal_relay = not settings.skip_relay and settings.relay_sync == "NORMAL"
+        await _guarded(
+            results, "gateway NORMAL", _gateway_phase(settings, tmp, "NORMAL", root, ui, results, relay=normal_relay)
+        )
+        if not settings.skip_relay and settings.relay_sync != "NORMAL":
+            await _guarded(results, "gateway relay", _gateway_relay_only(settings, tmp, root, ui, results))
+        if settings.skip_relay:
+            results.data["notes"].append("relay skipped (--skip-relay)")
+        elif settings.skip_mosquitto:
+            results.data["notes"].append("Mosquitto skipped (--skip-mosquitto)")
+        elif mosquitto is None:
+            results.data["notes"].append("Mosquitto is not installed (make bench installs it): no baseline")
+        else:
+            await _guarded(results, "mosquitto", _mosquitto_phase(settings, tmp, mosquitto, ui, results))
+        _ratios(results.data["relay"])
+    return results.data
+
+
+async def _guarded(results: Results, phase: str, work: Any) -> None:
+    try:
+        await work
+    except (OSError, RuntimeError, TimeoutError, ValueError, httpx.HTTPError) as exc:
+        results.error(phase, exc)
+
+
+async def _gateway_phase(
+    settings: Settings, tmp: Path, sync: str, root: str, ui: Ui, results: Results, relay: bool
+) -> None:
+    durable = sync == "FULL" or settings.normal_duration > 0
+    rates = settings.rates if sync == "FULL" else (settings.target_rate,)
+    window = settings.duration if sync == "FULL" else settings.normal_duration
+    if not durable and not relay:
+        return
+    async with AsyncExitStack() as stack:
+        proc, seeded = await _start_gateway(stack, tmp, sync, settings, settings.devices, ui)
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=proc.url, headers={"Authorization": f"Bearer {seeded.token}"}, timeout=10)
+        )
+        if durable:
+            session = DurableSession(proc, seeded, root, http, settings.qos)
+            try:
+                task, report = ui.phase(f"{sync}: connect")
+                connect = await session.open(report)
+                results.data["connect"][sync] = connect
+                ui.done(task, f"{connect['connected']}/{connect['devices']} in {connect['connect_s']:.1f} s")
+                for rate in rates:
+                    plan = DurablePlan(
+                        rate, settings.warmup, window, settings.qos, settings.inflight, settings.probe_rate
+                    )
+                    task, report = ui.phase(f"{sync}: {rate:,.0f} msg/s")
+                    figures = {"synchronous": sync, **await session.run(plan, report)}
+                    results.data["durable"].append(figures)
+                    ui.done(task, _durable_line(figures))
+                    if not proc.alive:
+                        raise RuntimeError(f"the gateway exited during the run:\n{proc.log_tail()}")
+                    if figures.get("stored_per_s", 0) < 0.5 * rate and rate != rates[-1]:
+                        results.data["notes"].append(
+                            f"{sync}: stopped the ramp at {rate:,.0f} msg/s (stored under half the offered rate)"
+                        )
+                        break
+            finally:
+                await session.close()
+        if relay:
+            await _relay_runs(settings, "gateway", proc.mqtt_port, proc, ui, results)
+        task, _ = ui.phase(f"{sync}: stop gateway")
+        code = await proc.stop()
+        ui.done(task, f"exit code {code}")
+
+
+async def _gateway_relay_only(settings: Settings, tmp: Path, root: str, ui: Ui, results: Results) -> None:
+    async with AsyncExitStack() as stack:
+        proc, _ = await _start_gateway(stack, tmp, settings.relay_sync, settings, 0, ui, suffix="-relay")
+        await _relay_runs(settings, "gateway", proc.mqtt_port, proc, ui, results)
+
+
+def gateway_overrides(settings: Settings) -> dict[str, str]:
+    """Settings the gateway gets beyond the defaults, only for keys its config knows (it refuses unknown ones).
+
+    Like Mosquitto's `max_queued_messages 0`, a subscriber's queue must hold a whole relay burst: with a
+    bounded queue a broker drops messages for a subscriber that lags, and the relay measures drops.
+    """
+    known = {env for env, *_ in config.describe()}
+    out = {}
+    queue = "BOSUN_MQTT_SESSION_QUEUE_MAX"
+    if queue in known and queue not in os.environ:
+        out[queue] = str(max(settings.relay_qos0, settings.relay_qos1) + 1000)
+    return out
+
+
+async def _start_gateway(
+    stack: AsyncExitStack, tmp: Path, sync: str, settings: Settings, devices: int, ui: Ui, suffix: str = ""
+) -> tuple[procs.GatewayProc, Seeded]:
+    task, report = ui.phase(f"{sync}: start gateway")
+    report(0.0, f"registering {devices} devices")
+    data_dir = tmp / f"{sync.lower()}{suffix}"
+    seeded = await asyncio.to_thread(seed, data_dir, devices)
+    report(0.5, "starting")
+    log_path = tmp / f"gateway-{sync.lower()}{suffix}.log"
+    proc = await procs.start_gateway(data_dir, sync, PREFIX, log_path, gateway_overrides(settings))
+    stack.push_async_callback(proc.stop)
+    ui.done(task, f"pid {proc.pid}, MQTT {proc.mqtt_port}, HTTP {proc.http_port}")
+    return proc, seeded
+
+
+async def _mosquitto_phase(settings: Settings, tmp: Path, binary: str, ui: Ui, results: Results) -> None:
+    async with AsyncExitStack() as stack:
+        workdir = tmp / "mosquitto"
+        workdir.mkdir()
+        proc = await procs.start_mosquitto(binary, workdir)
+        stack.push_async_callback(proc.stop)
+        await _relay_runs(settings, "mosquitto", proc.port, proc, ui, results)
+
+
+async def _relay_runs(settings: Settings, name: str, port: int, broker: procs.Proc, ui: Ui, results: Results) -> None:
+    task, report = ui.phase(f"{name}: idle clients")
+    fleet: Fleet = await connect_many(
+        HOST,
+        port,
+        idle_clients(settings.idle, PREFIX),
+        progress=lambda done, ok, total: report(done / total, f"{ok}/{total} connected"),
+    )
+    try:
+        fleet.start_pings()
+        rss = broker.rss_bytes()
+        out: dict[str, Any] = {
+            "idle_connected": len(fleet.conns),
+            "idle_failed": fleet.failed,
+            "idle_errors": fleet.errors,
+            "connect_s": round(fleet.connect_s, 3),
+            "rss_mb_idle": round(rss / 1e6, 1),
+        }
+        ui.done(task, f"{len(fleet.conns)}/{settings.idle} in {fleet.connect_s:.1f} s, RSS {rss / 1e6:.0f} MB")
+        results.data["relay"][name] = out
+        for qos, messages in ((0, settings.relay_qos0), (1, settings.relay_qos1)):
+            plan = RelayPlan(qos, messages, settings.relay_inflight, settings.relay_deadline)
+            task, report = ui.phase(f"{name}: relay QoS {qos}")
+            figures = await relay(port, broker, plan, PREFIX, f"{name}-q{qos}", report)
+            figures["idle_alive"] = fleet.alive
+            out[f"qos{qos}"] = figures
+            ui.done(task, _relay_line(figures))
+            if not broker.alive:
+                raise RuntimeError(f"{name} exited during the relay:\n{broker.log_tail()}")
+    finally:
+        await fleet.close()
+
+
+def _ratios(relay: dict[str, Any]) -> None:
+    for qos in ("qos0", "qos1"):
+        ours, theirs = relay["gateway"].get(qos), relay["mosquitto"].get(qos)
+        if not ours or not theirs:
+            continue
+        rate = ours["rate"] / theirs["rate"] if theirs["rate"] else None
+        ours_us, theirs_us = ours["cpu_us_per_msg"], theirs["cpu_us_per_msg"]
+        cpu = ours_us / theirs_us if ours_us is not None and theirs_us else None
+        relay["ratio"][qos] = {
+            "rate": None if rate is None else round(rate, 3),
+            "cpu_us_per_msg": None if cpu is None else round(cpu, 2),
+        }
+
+
+def _durable_line(f: dict[str, Any]) -> str:
+    if "error" in f:
+        return str(f["error"])
+    p99 = (f.get("puback_ms") or {}).get("p99")
+    ack = f"PUBACK p99 {p99:.1f} ms, " if p99 is not None else ""
+    return f"stored {f['stored_per_s']:,.0f}/s, {ack}CPU {f['cpu_percent']:.0f} %"
+
+
+def _relay_line(f: dict[str, Any]) -> str:
+    us = f["cpu_us_per_msg"]
+    cost = f", {us:.1f} µs/msg" if us is not None else ""
+    return f"{f['received']:,}/{f['messages']:,} at {f['rate']:,.0f} msg/s{cost}"
