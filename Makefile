@@ -1,5 +1,5 @@
-# Bosun: `make run` starts the gateway with embedded defaults; `make test` runs the suite.
-# Both set up everything they need on a fresh Debian machine (venv, Python packages, Debian packages).
+# Bosun: `make run` starts the gateway with embedded defaults; `make test` runs the suite; `make bench` measures it.
+# All three set up everything they need on a fresh Debian machine (venv, Python packages, Debian packages).
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEBS := mosquitto mosquitto-clients
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test check lint types fmt clean deps venv
+.PHONY: run test bench check lint types fmt clean deps venv
 
 # Debian ships venv support separately (python3.11-venv): install it when creating the venv fails
 $(BIN)/python:
@@ -34,6 +34,11 @@ run: .stamp-venv
 
 test: deps
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The benchmark starts its own gateways and Mosquitto (the baseline) on free loopback ports, about 3 minutes;
+# figures also go to bench-results.json. Options: make bench ARGS="--quick" (see python -m gateway.bench --help)
+bench: deps
+	$(BIN)/python -m gateway.bench $(ARGS)
 
 lint: .stamp-venv
 	$(BIN)/ruff check gateway webui tests

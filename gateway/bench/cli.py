@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -68,6 +69,8 @@ def main(**options: Any) -> None:
     """
     settings = _settings(options)
     console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=150)  # logs and CI: no terminal to size the tables to
     try:
         results = _run(settings, console)
     except KeyboardInterrupt:

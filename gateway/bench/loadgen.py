@@ -235,11 +235,13 @@ async def connect_many(
     on_ack: AckHook | None = None,
     concurrency: int = 50,
     connect_timeout: float = 15.0,
+    deadline: float = 120.0,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> Fleet:
     """Connect and subscribe every client, at most `concurrency` handshakes at a time; failures are counted.
 
-    `progress(done, connected, total)` is called after each attempt.
+    `progress(done, connected, total)` is called after each attempt; whatever is not connected after
+    `deadline` seconds is given up (a Task per connection here is fine: connecting is not the hot path).
     """
     fleet = Fleet()
     results: list[Connection | None] = [None] * len(clients)
@@ -269,7 +271,15 @@ async def connect_many(
             if progress is not None:
                 progress(done, done - fleet.failed, len(clients))
 
-    await asyncio.gather(*(one(i, c) for i, c in enumerate(clients)))
+    tasks = [asyncio.create_task(one(i, c)) for i, c in enumerate(clients)]
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=deadline)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            fleet.failed += len(pending)
+            fleet.errors.append(f"{len(pending)} not connected after {deadline:g} s")
     fleet.connect_s = time.monotonic() - started
     fleet.conns = [c for c in results if c is not None]
     return fleet

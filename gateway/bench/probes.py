@@ -92,8 +92,12 @@ class LiveListener:
 
     async def start(self, within: float = 10.0) -> None:
         self._task = asyncio.create_task(self._run(), name="bench-sse")
-        async with asyncio.timeout(within):
-            await asyncio.shield(self._ready)
+        try:
+            async with asyncio.timeout(within):
+                await asyncio.shield(self._ready)
+        except TimeoutError:
+            self._task.cancel()
+            raise
 
     def expect(self, sequence_id: int, sent_at: float) -> None:
         self.sent[sequence_id] = sent_at

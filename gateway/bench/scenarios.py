@@ -17,7 +17,14 @@ import httpx
 
 from gateway.bench import mqtt, stats
 from gateway.bench.loadgen import Client, Connection, Counters, Fleet, Pacer, connect_many, open_connection
-from gateway.bench.probes import COMMIT_HISTOGRAM, LiveListener, RowCounter, histogram_delta, scrape_histogram
+from gateway.bench.probes import (
+    COMMIT_HISTOGRAM,
+    LagMonitor,
+    LiveListener,
+    RowCounter,
+    histogram_delta,
+    scrape_histogram,
+)
 from gateway.bench.procs import GatewayProc, Proc
 from gateway.bench.seed import Seeded
 
@@ -99,7 +106,10 @@ class DurableSession:
             probe.password,
             ((probe.topic(self.root, "cmd/#"), 1),),
         )
-        await self.live.start()
+        try:
+            await self.live.start()
+        except (RuntimeError, TimeoutError) as exc:  # no live figures, everything else still measured
+            self.live.error = f"{type(exc).__name__}: {exc}"
         await asyncio.sleep(0.5)  # let the connect storm's presence writes settle
         self.rss_connected = self.gateway.rss_bytes()
         return {
@@ -124,6 +134,8 @@ class DurableSession:
         rss_peak = self.gateway.rss_bytes()
         sender = asyncio.create_task(pacer.run(plan.rate, end), name="bench-pacer")
         prober = asyncio.create_task(self._probe(plan.probe_rate, warm_end, end), name="bench-probe")
+        monitor = LagMonitor()
+        lag: dict[str, Any] = {}
         try:
             await _sleep_until(warm_end, started, end, report, "warm-up", self.counters)
             before = await self._snapshot()
@@ -132,6 +144,7 @@ class DurableSession:
             self.samples.clear()
             self.live.samples.clear()
             self.presses_in_window = 0
+            monitor.start()
             last = before
             while time.monotonic() < end - 0.05:
                 await _sleep_until(min(last["t"] + 1.0, end), started, end, report, "measuring", self.counters)
@@ -148,12 +161,14 @@ class DurableSession:
                 last = now
             await sender
             after = await self._snapshot()
+            lag = await monitor.stop()
         finally:
+            await monitor.stop()
             sender.cancel()
             prober.cancel()
             await asyncio.gather(sender, prober, return_exceptions=True)
         unacked = await self._drain(plan.drain, report)
-        return self._figures(plan, before, after, timeline, rss_peak, unacked)
+        return self._figures(plan, before, after, timeline, rss_peak, unacked, lag)
 
     def _connected(self) -> list[Any]:
         by_id = {d.device_id: d for d in self.seeded.devices}
@@ -167,6 +182,7 @@ class DurableSession:
             "counters": self.counters.copy(),
             "rows": rows,
             "cpu": self.gateway.cpu_seconds(),
+            "client_cpu": time.process_time(),
             "commit": commit,
         }
 
@@ -215,6 +231,7 @@ class DurableSession:
         timeline: list[dict[str, float]],
         rss_peak: int,
         unacked: int,
+        lag: dict[str, Any],
     ) -> dict[str, Any]:
         span = after["t"] - before["t"]
         c: Counters = after["counters"].minus(before["counters"])
@@ -243,6 +260,8 @@ class DurableSession:
             "commit_ms": histogram_delta(before["commit"], after["commit"]),
             "live_ms": {**live, "sent": live_sent, "lost": live_sent - live["count"], "error": self.live.error},
             "cpu_percent": round(100 * (after["cpu"] - before["cpu"]) / span, 1),
+            "client_cpu_percent": round(100 * (after["client_cpu"] - before["client_cpu"]) / span, 1),
+            "client_loop_lag_ms": lag,
             "rss_mb_peak": round(rss_peak / 1e6, 1),
             "timeline": timeline,
         }

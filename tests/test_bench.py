@@ -1,0 +1,96 @@
+"""Smoke test of the benchmark: `python -m gateway.bench --quick` end to end, every figure present and sane."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _mosquitto() -> bool:
+    return shutil.which("mosquitto") is not None or Path("/usr/sbin/mosquitto").exists()
+
+
+def _running_under(directory: Path) -> list[int]:
+    """Processes whose command line names `directory` (the gateways' data dirs, mosquitto's config)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(directory) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def _latency(figures: dict[str, Any] | None, name: str) -> None:
+    assert figures is not None, f"{name}: missing"
+    assert figures["count"] > 0, f"{name}: no samples"
+    assert 0 < figures["p50"] <= figures["p99"] < 10_000, f"{name}: {figures}"
+
+
+@pytest.mark.timeout(120)
+def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
+    have_mosquitto = _mosquitto()
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "gateway.bench", "--quick", "--out", str(out)]
+    if not have_mosquitto:
+        argv.append("--skip-mosquitto")
+    scratch = tmp_path / "tmp"  # the benchmark's temporary directory goes here, so we can see it is removed
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Targets" in done.stdout
+    results = json.loads(out.read_text())
+    assert results["errors"] == []
+    assert not list(scratch.iterdir()), "temporary files left behind"
+    assert not _running_under(scratch), "a gateway or mosquitto was left running"
+
+    machine = results["machine"]
+    assert machine["cpus"] >= 1 and machine["python"].startswith("3.11")
+    assert machine["amqtt"] == "0.12.1"
+
+    runs = {r["synchronous"]: r for r in results["durable"]}
+    assert set(runs) == {"FULL", "NORMAL"}
+    for sync, run in runs.items():
+        assert run["devices"] == 20 and run["devices_alive_at_end"] == 20, sync
+        assert run["sent"] > 0 and run["blocked"] >= 0
+        # 200 msg/s offered: a gateway that stores less than half of it is broken, not slow
+        assert run["stored_per_s"] > 0.5 * run["rate"], (sync, run["stored_per_s"])
+        _latency(run["puback_ms"], f"{sync} PUBACK")
+        _latency(run["live_ms"], f"{sync} live bus")
+        assert run["live_ms"]["lost"] == 0
+        if run["commit_ms"] is not None:  # bosun_ingest_commit_seconds on /metrics
+            assert run["commit_ms"]["count"] > 0 and 0 < run["commit_ms"]["p50"] <= run["commit_ms"]["p99"]
+        assert 0 < run["cpu_percent"] < 400
+        assert 10 < run["rss_mb_peak"] < 1000
+        assert run["timeline"] and all(p["stored_per_s"] >= 0 for p in run["timeline"])
+    for sync, connect in results["connect"].items():
+        assert connect["connected"] == 20 and connect["failed"] == 0, sync
+
+    brokers = ["gateway", "mosquitto"] if have_mosquitto else ["gateway"]
+    for broker in brokers:
+        relay = results["relay"][broker]
+        assert relay["idle_connected"] == 20, broker
+        for qos in ("qos0", "qos1"):
+            figures = relay[qos]
+            assert figures["complete"] and figures["received"] == figures["messages"], (broker, qos)
+            assert figures["rate"] > 0 and figures["cpu_us_per_msg"] >= 0, (broker, qos)
+        assert relay["qos1"]["acked"] == relay["qos1"]["messages"], broker
+
+    targets = results["targets"]
+    assert len(targets) == 7
+    assert all(t["verdict"] in ("pass", "fail", "n/a") for t in targets)
+    assert all(not t["comparable"] for t in targets if t["verdict"] != "n/a"), "quick runs are never at target scale"
+    if not have_mosquitto:
+        pytest.skip("mosquitto is not installed (make test installs it): the baseline and ratios were not checked")
+    for qos in ("qos0", "qos1"):
+        assert results["relay"]["ratio"][qos]["rate"] > 0
