@@ -35,7 +35,7 @@ run: .stamp-venv
 test: deps
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# The benchmark starts its own gateways and Mosquitto (the baseline) on free loopback ports, about 3 minutes;
+# The benchmark starts its own gateways and Mosquitto (the baseline) on free loopback ports, 1-3 minutes;
 # figures also go to bench-results.json. Options: make bench ARGS="--quick" (see python -m gateway.bench --help)
 bench: deps
 	$(BIN)/python -m gateway.bench $(ARGS)

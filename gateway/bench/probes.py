@@ -53,10 +53,14 @@ def histogram_delta(before: Buckets | None, after: Buckets | None) -> dict[str, 
     count = delta.get(math.inf, 0.0)
     p50 = stats.bucket_quantile(delta, 0.5)
     p99 = stats.bucket_quantile(delta, 0.99)
+    finite = [bound for bound in delta if bound != math.inf]
+    top = max(finite, default=0.0)
     return {
         "count": int(count),
         "p50": None if p50 is None else round(p50 * 1000, 3),
         "p99": None if p99 is None else round(p99 * 1000, 3),
+        # the p99 lies beyond the highest bucket: the histogram only says "at least this"
+        "p99_beyond_buckets": bool(finite) and count > 0 and delta.get(top, 0.0) < 0.99 * count,
     }
 
 

@@ -20,13 +20,16 @@ _SPARK = "▁▂▃▄▅▆▇█"
 
 
 def _ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:,.1f}"
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
 def _pair(figures: dict[str, Any] | None) -> str:
     if not figures or figures.get("p50") is None:
         return "n/a"
-    return f"{_ms(figures['p50'])} / {_ms(figures['p99'])}"
+    beyond = ">" if figures.get("p99_beyond_buckets") else ""
+    return f"{_ms(figures['p50'])} / {beyond}{_ms(figures['p99'])}"
 
 
 def _at_target(runs: list[dict[str, Any]], sync: str) -> dict[str, Any] | None:

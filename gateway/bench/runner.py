@@ -1,4 +1,4 @@
-"""The whole benchmark run: gateway with synchronous=FULL, gateway with NORMAL (plus relay), Mosquitto relay.
+"""The whole benchmark run: gateway with synchronous=FULL, with NORMAL, a fresh gateway and Mosquitto relaying.
 
 Every phase is bounded in time and its failure is recorded, not fatal: a slow or crashing broker yields low
 figures and an error note, and the next phase still runs. Every subprocess and the temporary directory are
@@ -151,13 +151,11 @@ async def run(settings: Settings, console: Console) -> dict[str, Any]:
         progress = stack.enter_context(Progress(*columns, console=console, refresh_per_second=4))
         ui = Ui(progress, console)
         root = mqtt_root()
-        await _guarded(results, "gateway FULL", _gateway_phase(settings, tmp, "FULL", root, ui, results, relay=False))
-        normal_relay = not settings.skip_relay and settings.relay_sync == "NORMAL"
-        await _guarded(
-            results, "gateway NORMAL", _gateway_phase(settings, tmp, "NORMAL", root, ui, results, relay=normal_relay)
-        )
-        if not settings.skip_relay and settings.relay_sync != "NORMAL":
-            await _guarded(results, "gateway relay", _gateway_relay_only(settings, tmp, root, ui, results))
+        await _guarded(results, "gateway FULL", _gateway_phase(settings, tmp, "FULL", root, ui, results))
+        if settings.normal_duration > 0:
+            await _guarded(results, "gateway NORMAL", _gateway_phase(settings, tmp, "NORMAL", root, ui, results))
+        if not settings.skip_relay:
+            await _guarded(results, "gateway relay", _gateway_relay(settings, tmp, ui, results))
         if settings.skip_relay:
             results.data["notes"].append("relay skipped (--skip-relay)")
         elif settings.skip_mosquitto:
@@ -177,54 +175,51 @@ async def _guarded(results: Results, phase: str, work: Any) -> None:
         results.error(phase, exc)
 
 
-async def _gateway_phase(
-    settings: Settings, tmp: Path, sync: str, root: str, ui: Ui, results: Results, relay: bool
-) -> None:
-    durable = sync == "FULL" or settings.normal_duration > 0
+async def _gateway_phase(settings: Settings, tmp: Path, sync: str, root: str, ui: Ui, results: Results) -> None:
     rates = settings.rates if sync == "FULL" else (settings.target_rate,)
     window = settings.duration if sync == "FULL" else settings.normal_duration
-    if not durable and not relay:
-        return
     async with AsyncExitStack() as stack:
         proc, seeded = await _start_gateway(stack, tmp, sync, settings, settings.devices, ui)
         http = await stack.enter_async_context(
             httpx.AsyncClient(base_url=proc.url, headers={"Authorization": f"Bearer {seeded.token}"}, timeout=10)
         )
-        if durable:
-            session = DurableSession(proc, seeded, root, http, settings.qos)
-            try:
-                task, report = ui.phase(f"{sync}: connect")
-                connect = await session.open(report)
-                results.data["connect"][sync] = connect
-                ui.done(task, f"{connect['connected']}/{connect['devices']} in {connect['connect_s']:.1f} s")
-                for rate in rates:
-                    plan = DurablePlan(
-                        rate, settings.warmup, window, settings.qos, settings.inflight, settings.probe_rate
+        session = DurableSession(proc, seeded, root, http, settings.qos)
+        try:
+            task, report = ui.phase(f"{sync}: connect")
+            connect = await session.open(report)
+            results.data["connect"][sync] = connect
+            ui.done(task, f"{connect['connected']}/{connect['devices']} in {connect['connect_s']:.1f} s")
+            for rate in rates:
+                plan = DurablePlan(rate, settings.warmup, window, settings.qos, settings.inflight, settings.probe_rate)
+                task, report = ui.phase(f"{sync}: {rate:,.0f} msg/s")
+                figures = {"synchronous": sync, **await session.run(plan, report)}
+                results.data["durable"].append(figures)
+                ui.done(task, _durable_line(figures))
+                if not proc.alive:
+                    raise RuntimeError(f"the gateway exited during the run:\n{proc.log_tail()}")
+                if figures.get("stored_per_s", 0) < 0.5 * rate and rate != rates[-1]:
+                    results.data["notes"].append(
+                        f"{sync}: stopped the ramp at {rate:,.0f} msg/s (stored under half the offered rate)"
                     )
-                    task, report = ui.phase(f"{sync}: {rate:,.0f} msg/s")
-                    figures = {"synchronous": sync, **await session.run(plan, report)}
-                    results.data["durable"].append(figures)
-                    ui.done(task, _durable_line(figures))
-                    if not proc.alive:
-                        raise RuntimeError(f"the gateway exited during the run:\n{proc.log_tail()}")
-                    if figures.get("stored_per_s", 0) < 0.5 * rate and rate != rates[-1]:
-                        results.data["notes"].append(
-                            f"{sync}: stopped the ramp at {rate:,.0f} msg/s (stored under half the offered rate)"
-                        )
-                        break
-            finally:
-                await session.close()
-        if relay:
-            await _relay_runs(settings, "gateway", proc.mqtt_port, proc, ui, results)
-        task, _ = ui.phase(f"{sync}: stop gateway")
-        code = await proc.stop()
-        ui.done(task, f"exit code {code}")
+                    break
+        finally:
+            await session.close()
+        await _stop(proc, sync, ui)
 
 
-async def _gateway_relay_only(settings: Settings, tmp: Path, root: str, ui: Ui, results: Results) -> None:
+async def _gateway_relay(settings: Settings, tmp: Path, ui: Ui, results: Results) -> None:
+    """A fresh gateway (its RSS with the idle clients means something), no devices: anonymous clients only."""
     async with AsyncExitStack() as stack:
-        proc, _ = await _start_gateway(stack, tmp, settings.relay_sync, settings, 0, ui, suffix="-relay")
+        label = f"relay ({settings.relay_sync})"
+        proc, _ = await _start_gateway(stack, tmp, settings.relay_sync, settings, 0, ui, label)
         await _relay_runs(settings, "gateway", proc.mqtt_port, proc, ui, results)
+        await _stop(proc, label, ui)
+
+
+async def _stop(proc: procs.Proc, name: str, ui: Ui) -> None:
+    task, _ = ui.phase(f"{name}: stop {proc.name}")
+    code = await proc.stop()
+    ui.done(task, f"exit code {code}")
 
 
 def gateway_overrides(settings: Settings) -> dict[str, str]:
@@ -242,10 +237,12 @@ def gateway_overrides(settings: Settings) -> dict[str, str]:
 
 
 async def _start_gateway(
-    stack: AsyncExitStack, tmp: Path, sync: str, settings: Settings, devices: int, ui: Ui, suffix: str = ""
+    stack: AsyncExitStack, tmp: Path, sync: str, settings: Settings, devices: int, ui: Ui, label: str = ""
 ) -> tuple[procs.GatewayProc, Seeded]:
-    task, report = ui.phase(f"{sync}: start gateway")
+    label = label or sync
+    task, report = ui.phase(f"{label}: start gateway")
     report(0.0, f"registering {devices} devices")
+    suffix = "-relay" if label != sync else ""
     data_dir = tmp / f"{sync.lower()}{suffix}"
     seeded = await asyncio.to_thread(seed, data_dir, devices)
     report(0.5, "starting")
