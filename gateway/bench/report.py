@@ -179,8 +179,9 @@ def _durable_table(runs: list[dict[str, Any]]) -> Table:
         if "stored_per_s" not in r:
             table.add_row(r.get("synchronous", "?"), f"{r.get('rate', 0):,.0f}", r.get("error", "failed"))
             continue
+        flag = " [red](exited)[/]" if r.get("error") else ""
         table.add_row(
-            r["synchronous"],
+            r["synchronous"] + flag,
             f"{r['offered_per_s']:,.0f}",
             f"{r['sent_per_s']:,.0f}",
             f"{r['stored_per_s']:,.0f}",

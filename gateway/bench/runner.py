@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import sqlite3
+import subprocess
 import tempfile
 import time
 from contextlib import AsyncExitStack
@@ -119,7 +120,15 @@ def machine_info(mosquitto: str | None) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return "not installed"
 
+    commit = "unknown"
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        here = Path(__file__).resolve().parent
+        head = subprocess.run(
+            ["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True, timeout=5
+        )
+        commit = head.stdout.decode().strip() or commit
     return {
+        "bosun_commit": commit,
         "cpus": os.cpu_count(),
         "cpu_model": model,
         "memory_mb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e6),
@@ -196,7 +205,8 @@ async def _gateway_phase(settings: Settings, tmp: Path, sync: str, root: str, ui
                 results.data["durable"].append(figures)
                 ui.done(task, _durable_line(figures))
                 if not proc.alive:
-                    raise RuntimeError(f"the gateway exited during the run:\n{proc.log_tail()}")
+                    figures["error"] = f"the gateway exited with {proc.popen.returncode} during this run"
+                    raise RuntimeError(f"{figures['error']}:\n{proc.log_tail()}")
                 if figures.get("stored_per_s", 0) < 0.5 * rate and rate != rates[-1]:
                     results.data["notes"].append(
                         f"{sync}: stopped the ramp at {rate:,.0f} msg/s (stored under half the offered rate)"
@@ -290,7 +300,9 @@ async def _relay_runs(settings: Settings, name: str, port: int, broker: procs.Pr
             out[f"qos{qos}"] = figures
             ui.done(task, _relay_line(figures))
             if not broker.alive:
-                raise RuntimeError(f"{name} exited during the relay:\n{broker.log_tail()}")
+                raise RuntimeError(
+                    f"{name} exited with {broker.popen.returncode} during the relay:\n{broker.log_tail()}"
+                )
     finally:
         await fleet.close()
 

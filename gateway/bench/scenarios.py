@@ -98,17 +98,17 @@ class DurableSession:
         )
         self.fleet.start_pings()
         probe = self.seeded.probe
-        self.probe = await open_connection(
-            HOST,
-            self.gateway.mqtt_port,
-            probe.device_id,
-            probe.device_id,
-            probe.password,
-            ((probe.topic(self.root, "cmd/#"), 1),),
-        )
-        try:
+        try:  # without the probe or the stream there are no live-bus figures; everything else is still measured
+            self.probe = await open_connection(
+                HOST,
+                self.gateway.mqtt_port,
+                probe.device_id,
+                probe.device_id,
+                probe.password,
+                ((probe.topic(self.root, "cmd/#"), 1),),
+            )
             await self.live.start()
-        except (RuntimeError, TimeoutError) as exc:  # no live figures, everything else still measured
+        except (OSError, RuntimeError, TimeoutError, PermissionError) as exc:
             self.live.error = f"{type(exc).__name__}: {exc}"
         await asyncio.sleep(0.5)  # let the connect storm's presence writes settle
         self.rss_connected = self.gateway.rss_bytes()
@@ -188,7 +188,8 @@ class DurableSession:
 
     async def _probe(self, rate: float, start: float, end: float) -> None:
         """Guest presses from the probe button, each with a unique sequence id, timed to the SSE stream."""
-        assert self.probe is not None
+        if self.probe is None or self.live.error is not None:
+            return
         topic = self.seeded.probe.topic(self.root, "press")
         await asyncio.sleep(max(0.0, start - time.monotonic()))
         next_at = time.monotonic()
