@@ -82,3 +82,17 @@ async def test_stream_ends_promptly_when_the_gateway_stops(gateway: Running) -> 
         await asyncio.wait_for(stopping, 5)
         # uvicorn's graceful timeout is 2 s: an open stream that ignored the stop would hold it that long
         assert time.monotonic() - started < 1.5
+
+
+async def test_a_client_that_leaves_unsubscribes(gateway: Running) -> None:
+    for _ in range(3):
+        async with (
+            gateway.http() as http,
+            http.stream("GET", "/api/v1/live", timeout=httpx.Timeout(10, read=10)) as response,
+        ):
+            assert (await asyncio.wait_for(anext(_sse(response.aiter_lines())), 5))[2] == "subscribed"
+    for _ in range(60):  # the server notices the disconnect on its next read
+        if not gateway.gw.hub._subscribers:
+            break
+        await asyncio.sleep(0.05)
+    assert not gateway.gw.hub._subscribers, "a closed stream kept its live-bus queue"
