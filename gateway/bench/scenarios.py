@@ -175,16 +175,18 @@ class DurableSession:
         return [by_id[c.client_id] for c in self.fleet.conns]
 
     async def _snapshot(self, histogram: bool = True) -> dict[str, Any]:
-        rows = await self.rows.max_id()
-        commit = await scrape_histogram(self.http, COMMIT_HISTOGRAM) if histogram else None
-        return {
+        """The figures at one instant: counters and CPU first (no await), then the stored rows (a millisecond),
+        then the histogram (an HTTP request that can take a while on a busy gateway: it must not stretch the
+        window)."""
+        snap: dict[str, Any] = {
             "t": time.monotonic(),
             "counters": self.counters.copy(),
-            "rows": rows,
             "cpu": self.gateway.cpu_seconds(),
             "client_cpu": time.process_time(),
-            "commit": commit,
         }
+        snap["rows"] = await self.rows.max_id()
+        snap["commit"] = await scrape_histogram(self.http, COMMIT_HISTOGRAM) if histogram else None
+        return snap
 
     async def _probe(self, rate: float, start: float, end: float) -> None:
         """Guest presses from the probe button, each with a unique sequence id, timed to the SSE stream."""
