@@ -64,7 +64,11 @@ class HttpSection:
 
 @dataclass(frozen=True)
 class StoreSection:
-    flush_ms: int = _help("Longest a write waits before its group is committed, in milliseconds.", 10)
+    flush_ms: int = _help(
+        "Extra milliseconds a group waits for more writes before it commits; 0 commits as soon as the previous "
+        "group is done (groups then grow with the load).",
+        0,
+    )
     batch_rows: int = _help("Most writes committed in one group.", 500)
     queue_max: int = _help("Most writes waiting for the writer; publishers wait beyond it (backpressure).", 20000)
     synchronous: str = _help(
@@ -177,7 +181,6 @@ def _validate(cfg: Config) -> None:
     if cfg.gateway.id and not _SEGMENT.fullmatch(cfg.gateway.id):
         raise ConfigError(f"gateway.id: expected 1-64 characters of [A-Za-z0-9_-], got {cfg.gateway.id!r}")
     positive = [
-        ("store", "flush_ms"),
         ("store", "batch_rows"),
         ("store", "queue_max"),
         ("store", "max_db_mb"),
@@ -194,6 +197,8 @@ def _validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value <= 0:
             raise ConfigError(f"{section}.{key}: expected a positive integer, got {value}")
+    if cfg.store.flush_ms < 0:
+        raise ConfigError(f"store.flush_ms: expected 0 or more, got {cfg.store.flush_ms}")
     if cfg.store.traffic_payload_bytes < 0:
         raise ConfigError("store.traffic_payload_bytes: expected 0 or more")
     if cfg.mqtt.max_connections == 0 or cfg.mqtt.max_connections < -1:

@@ -58,25 +58,70 @@ class Ingest:
         self._hub = hub
         self._metrics = metrics
         self._latency = metrics.commit_latency
+        self._prefix = f"{self._root}/"
+        self._counters: dict[str, Any] = {}
+        self._stored_measurements = metrics.stored.labels("measurements")
+        self._tracked: asyncio.Future[Any] | None = None
+        self._times: list[float] = []
 
     def _drop(self, reason: str, msg: Message, detail: str) -> None:
         self._metrics.drops.labels(reason).inc()
         log.warning("dropped %s from %s on %r: %s", reason, msg.client_id, msg.topic, detail)
 
-    async def accept(self, msg: Message) -> asyncio.Future[Any]:
-        """Queue the message's write; waits while the writer is full (backpressure on the publisher).
-
-        The returned future resolves once the write is committed: that is when a QoS 1 PUBACK may go out.
-        """
+    async def accept(self, msg: Message) -> asyncio.Future[Any] | None:
+        """Queue the message's write; waits while the writer is full (backpressure on the publisher)."""
         await self._writer.wait_room()
         return self.submit(msg)
 
-    def submit(self, msg: Message) -> asyncio.Future[Any]:
-        """Queue the message's write now (the broker applies backpressure by pausing its reads)."""
-        future = self._writer.submit(self._plan(msg))
+    def submit(self, msg: Message) -> asyncio.Future[Any] | None:
+        """Queue the message's rows now; the future resolves at the COMMIT that stores them.
+
+        None for a message outside the device protocol (another root): it is only logged in the bounded
+        traffic log, best effort, and has no record to wait for. The broker applies backpressure by pausing
+        its reads while the writer is congested.
+        """
+        step = self._plan(msg)
+        writer = self._writer
+        traffic = writer.append(_TRAFFIC_SQL, self._traffic_row(msg, step.error))
+        if step.foreign:
+            return None
+        if step.op is None:
+            self._track(traffic, msg.received_at)
+            return traffic
+        future = writer.submit(step.op)
         received_at = msg.received_at
         future.add_done_callback(lambda f: self._after_commit(f, received_at))
         return future
+
+    def _traffic_row(self, msg: Message, error: str | None) -> tuple[Any, ...]:
+        payload = msg.payload if len(msg.payload) <= self._keep else msg.payload[: self._keep]
+        return (
+            msg.received_at,
+            "in",
+            msg.client_id,
+            msg.topic,
+            msg.qos,
+            int(msg.retain),
+            len(msg.payload),
+            payload,
+            error,
+        )
+
+    def _track(self, future: asyncio.Future[Any], received_at: float) -> None:
+        """Commit latency of bulk rows: one callback per group, not per message."""
+        if future is not self._tracked:
+            self._tracked = future
+            self._times = times = list[float]()
+            future.add_done_callback(lambda f: self._observe(f, times))
+        self._times.append(received_at)
+
+    def _observe(self, future: asyncio.Future[Any], times: list[float]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        now = time.time()
+        observe = self._latency.observe
+        for received_at in times:
+            observe(now - received_at)
 
     def _after_commit(self, future: asyncio.Future[Any], received_at: float) -> None:
         if future.cancelled():
@@ -91,8 +136,17 @@ class Ingest:
             self._presence.apply(kind, data)
             self._hub.publish(kind, data)
 
-    def _plan(self, msg: Message) -> Any:
-        """Pure-ish classification on the loop; returns the op the writer thread runs."""
+    def _count(self, action: str) -> None:
+        counter = self._counters.get(action)
+        if counter is None:
+            counter = self._counters[action] = self._metrics.messages.labels(action, "in")
+        counter.inc()
+
+    def _plan(self, msg: Message) -> _Step:
+        """Classification on the loop: what to store for this message."""
+        if not msg.topic.startswith(self._prefix):
+            self._count("other")
+            return _Step(foreign=True)
         action = "other"
         error: str | None = None
         parsed: topics.DeviceTopic | None = None
@@ -104,9 +158,8 @@ class Ingest:
                 parsed = topics.parse(msg.topic, self._root)
                 action = parsed.action.split("/", 1)[0]
             except TopicError as exc:
-                error = exc.reason if exc.reason != "foreign_root" else None
-                if error:
-                    action = "bad_topic"
+                error = exc.reason
+                action = "bad_topic"
         if parsed is not None and error is None:
             device = self._accounts.device(parsed.device_id)
             if device is None:
@@ -118,43 +171,49 @@ class Ingest:
                     body = codec.normalize(codec.decode(msg.payload, parsed.msgpack))
                 except PayloadError as exc:
                     error = exc.reason
-        self._metrics.messages.labels(action, "in").inc()
-        if error is not None:
-            self._drop(error, msg, f"{len(msg.payload)} bytes")
-        traffic = (
-            msg.received_at,
-            "in",
-            msg.client_id,
-            msg.topic,
-            msg.qos,
-            int(msg.retain),
-            len(msg.payload),
-            bytes(msg.payload[: self._keep]),
-            error,
-        )
+        self._count(action)
         if error is not None or parsed is None:
-            return lambda conn: _insert_traffic(conn, traffic)
+            if error is not None:
+                self._drop(error, msg, f"{len(msg.payload)} bytes")
+            return _Step(error=error)
         self._presence.seen(parsed.device_id, msg.received_at, transition=action != "availability")
-        route = _ROUTES.get(action, _telemetry if not action.startswith("cmd") else None)
+        route = _ROUTES.get(action)
+        if route is None:
+            if not action.startswith("cmd"):
+                self._measure(parsed, body, msg.received_at)
+            return _Step()
         device_id, received_at, dtopic = parsed.device_id, msg.received_at, parsed
 
         def op(conn: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
-            _insert_traffic(conn, traffic)
-            if route is None:
-                return []
             result: list[tuple[str, dict[str, Any]]] = route(conn, dtopic, device_id, body, received_at, self)
             return result
 
-        return op
+        return _Step(op=op)
+
+    def _measure(self, parsed: topics.DeviceTopic, body: Any, received_at: float) -> None:
+        """Telemetry: one measurement row per metric, appended to the writer's next group."""
+        metrics, ts = codec.extract_metrics(parsed.action.replace("/", "."), body)
+        if not metrics:
+            self._metrics.drops.labels("no_measurements").inc()
+            return
+        when = ts if ts is not None and _EARLIEST_DEVICE_TS <= ts <= received_at + 86400 else received_at
+        append = self._writer.append
+        for name, value in metrics:
+            append(_MEASUREMENT_SQL, (parsed.device_id, name, when, value))
+        self._stored_measurements.inc(len(metrics))
 
 
-def _insert_traffic(conn: sqlite3.Connection, row: tuple[Any, ...]) -> list[tuple[str, dict[str, Any]]]:
-    conn.execute(
-        "INSERT INTO traffic(ts, direction, client_id, topic, qos, retain, size, payload, error) "
-        "VALUES (?,?,?,?,?,?,?,?,?)",
-        row,
-    )
-    return []
+@dataclass(frozen=True, slots=True)
+class _Step:
+    op: Any = None
+    error: str | None = None
+    foreign: bool = False
+
+
+_TRAFFIC_SQL = (
+    "INSERT INTO traffic(ts, direction, client_id, topic, qos, retain, size, payload, error) VALUES (?,?,?,?,?,?,?,?,?)"
+)
+_MEASUREMENT_SQL = "INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)"
 
 
 def _device_ts(body: Any, received_at: float) -> float:
@@ -241,22 +300,6 @@ def _press(
     outbox(conn, LANE_PRIORITY, "event", event, device_id)
     ingest._metrics.stored.labels("events").inc()
     return [("event.press", event)]
-
-
-def _telemetry(
-    conn: sqlite3.Connection, t: topics.DeviceTopic, device_id: str, body: Any, now: float, ingest: Ingest
-) -> list[tuple[str, dict[str, Any]]]:
-    metrics, ts = codec.extract_metrics(t.action.replace("/", "."), body)
-    if not metrics:
-        ingest._metrics.drops.labels("no_measurements").inc()
-        return []
-    when = ts if ts is not None and _EARLIEST_DEVICE_TS <= ts <= now + 86400 else now
-    conn.executemany(
-        "INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)",
-        [(device_id, name, when, value) for name, value in metrics],
-    )
-    ingest._metrics.stored.labels("measurements").inc(len(metrics))
-    return []
 
 
 def _ack(

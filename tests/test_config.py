@@ -44,7 +44,7 @@ def value(cfg: config.Config, dotted: str) -> Any:
         ("mqtt.anonymous_deny", []),
         ("http.bind", "0.0.0.0"),
         ("http.port", 8080),
-        ("store.flush_ms", 10),
+        ("store.flush_ms", 0),
         ("store.batch_rows", 500),
         ("store.queue_max", 20000),
         ("store.synchronous", "FULL"),
@@ -130,7 +130,7 @@ format = "json"
     assert cfg.log.format == "json"
     # untouched keys keep their defaults
     assert cfg.http.port == 8080
-    assert cfg.store.flush_ms == 10
+    assert cfg.store.flush_ms == 0
 
 
 def test_toml_path_may_be_a_string(tmp_path: Path) -> None:
@@ -301,12 +301,12 @@ def test_override_none_keeps_environment() -> None:
         (None, {"BOSUN_GATEWAY_ID": "gw 1"}, {}, ["gateway.id", "[A-Za-z0-9_-]", "'gw 1'"]),
         ("[gateway]\ndata_dir = ''", {}, {}, ["gateway.data_dir", "directory"]),
         ("[store]\nsynchronous = 'normal'", {}, {}, ["store.synchronous", "NORMAL, FULL, EXTRA", "'normal'"]),
+        (None, {"BOSUN_STORE_FLUSH_MS": "-1"}, {}, ["store.flush_ms", "0 or more"]),
         (None, {"BOSUN_LOG_LEVEL": "TRACE"}, {}, ["log.level", "DEBUG, INFO, WARNING, ERROR", "'TRACE'"]),
         (None, {"BOSUN_LOG_FORMAT": "xml"}, {}, ["log.format", "text, json"]),
         *[
             (None, {}, {key: 0}, [key, "a positive integer", "0"])
             for key in (
-                "store.flush_ms",
                 "store.batch_rows",
                 "store.queue_max",
                 "store.max_db_mb",

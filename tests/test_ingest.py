@@ -235,7 +235,7 @@ async def test_a_write_that_fails_is_not_acknowledged(gateway: Running, paho_cli
     db_write(
         gateway.data_dir,
         lambda c: c.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON traffic WHEN NEW.topic LIKE '%/press' "
+            "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.type = 'press' "
             "BEGIN SELECT RAISE(ABORT, 'disk trouble'); END"
         ),
     )

@@ -41,6 +41,9 @@ class Transport:
         self._writer = writer
         self._transport = writer.transport
         self._transport.set_write_buffer_limits(high=_HIGH_WATER)
+        self._loop = asyncio.get_running_loop()
+        self._out: list[bytes] = []
+        self._out_size = 0
 
     async def read(self) -> bytes:
         try:
@@ -49,18 +52,33 @@ class Transport:
             return b""
 
     def write(self, data: bytes) -> None:
+        """Buffer until the end of this loop iteration: one send() per client per iteration, not per packet."""
+        if not self._out:
+            if self._transport.is_closing():
+                return
+            self._loop.call_soon(self._flush)
+        self._out.append(data)
+        self._out_size += len(data)
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        self._out = []
+        self._out_size = 0
         if not self._transport.is_closing():
-            self._transport.write(data)
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     @property
     def congested(self) -> bool:
-        return self._transport.get_write_buffer_size() >= _HIGH_WATER
+        return self._out_size + self._transport.get_write_buffer_size() >= _HIGH_WATER
 
     async def drained(self) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             await self._writer.drain()
 
     def close(self) -> None:
+        self._flush()
         self._transport.close()
 
     def peer(self) -> str:

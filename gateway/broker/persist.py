@@ -6,9 +6,11 @@ caused it: once a publisher has its PUBACK, the copies queued for offline subscr
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.broker.session import Outgoing
 from gateway.store.writer import Writer
@@ -53,11 +55,11 @@ class SessionStore:
         self._seq += 1
         return self._seq
 
-    def _submit(self, sql: str, params: tuple[object, ...]) -> None:
+    def _submit(self, sql: str, params: tuple[object, ...]) -> asyncio.Future[Any]:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(sql, params)
 
-        self._writer.submit(op)
+        return self._writer.submit(op)
 
     def create(self, client_id: str, username: str | None) -> None:
         # not INSERT OR REPLACE: a replaced row would cascade-delete the session's subscriptions and messages
@@ -79,9 +81,9 @@ class SessionStore:
     def unsubscribe(self, client_id: str, topic_filter: str) -> None:
         self._submit("DELETE FROM mqtt_subscriptions WHERE client_id = ? AND filter = ?", (client_id, topic_filter))
 
-    def add(self, client_id: str, msg: Outgoing) -> None:
+    def add(self, client_id: str, msg: Outgoing) -> asyncio.Future[Any]:
         msg.seq = self.next_seq()
-        self._submit(
+        return self._submit(
             "INSERT INTO mqtt_messages(client_id, seq, topic, payload, qos, pid, released) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (client_id, msg.seq, msg.topic, msg.payload, msg.qos, msg.pid, int(msg.released)),
@@ -96,10 +98,9 @@ class SessionStore:
     def remove(self, client_id: str, msg: Outgoing) -> None:
         self._submit("DELETE FROM mqtt_messages WHERE client_id = ? AND seq = ?", (client_id, msg.seq))
 
-    def retain(self, topic: str, payload: bytes, qos: int) -> None:
+    def retain(self, topic: str, payload: bytes, qos: int) -> asyncio.Future[Any]:
         if payload:
-            self._submit(
+            return self._submit(
                 "INSERT OR REPLACE INTO mqtt_retained(topic, payload, qos) VALUES (?, ?, ?)", (topic, payload, qos)
             )
-        else:
-            self._submit("DELETE FROM mqtt_retained WHERE topic = ?", (topic,))
+        return self._submit("DELETE FROM mqtt_retained WHERE topic = ?", (topic,))

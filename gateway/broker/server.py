@@ -307,28 +307,36 @@ class GatewayBroker(Broker):
                 self.cfg.max_payload,
             )
             return None
-        stored = self.ingest.submit(Message(session.client_id, topic, payload, qos, retain, time.time()))
-        self.route(topic, payload, qos)
+        # copies for persistent sessions and the retained message are queued first, so the PUBACK, which waits
+        # for the message's own rows, also covers them
+        kept = self.route(topic, payload, qos)
         if retain:
-            self._retain(topic, payload, qos)
+            kept = self._retain(topic, payload, qos)
+        stored = self.ingest.submit(Message(session.client_id, topic, payload, qos, retain, time.time()))
+        if kept is not None and (stored is None or stored is self.store_writer.open_bulk):
+            return kept  # bulk rows commit in the next group; queued ops may need a later one
         return stored
 
-    def _retain(self, topic: str, payload: bytes, qos: int) -> None:
+    def _retain(self, topic: str, payload: bytes, qos: int) -> asyncio.Future[Any]:
         if payload:
             self._retained[topic] = (payload, qos)
         else:
             self._retained.pop(topic, None)  # section 3.3.1.3: a zero-byte retained message clears it
         assert self._store is not None
-        self._store.retain(topic, payload, qos)
+        return self._store.retain(topic, payload, qos)
 
     # -- outbound ------------------------------------------------------------------------------------------
 
-    def route(self, topic: str, payload: bytes, qos: int) -> None:
-        """Deliver to every matching subscriber once, at min(publish QoS, subscription QoS) (section 3.8.4)."""
+    def route(self, topic: str, payload: bytes, qos: int) -> asyncio.Future[Any] | None:
+        """Deliver to every matching subscriber once, at min(publish QoS, subscription QoS) (section 3.8.4).
+
+        Returns the write of the last copy kept for a persistent session, if any.
+        """
         subscribers = self._trie.match(topic)
         if not subscribers:
-            return
+            return None
         frame0: bytes | None = None
+        kept: asyncio.Future[Any] | None = None
         for session, granted in subscribers.items():
             allowed = session.acl.get(topic)
             if allowed is None:
@@ -348,7 +356,8 @@ class GatewayBroker(Broker):
                     frame0 = packets.encode_publish(packets.topic_bytes(topic), payload, 0, False)
                 link.write(frame0)
             else:
-                self._enqueue(session, Outgoing(topic, payload, q))
+                kept = self._enqueue(session, Outgoing(topic, payload, q)) or kept
+        return kept
 
     def _may_receive(self, session: Session, topic: str) -> bool:
         allowed = self.gate.allows(session.principal, topic, RECEIVE)
@@ -357,10 +366,11 @@ class GatewayBroker(Broker):
         session.acl[topic] = allowed
         return allowed
 
-    def _enqueue(self, session: Session, msg: Outgoing) -> None:
+    def _enqueue(self, session: Session, msg: Outgoing) -> asyncio.Future[Any] | None:
         link = session.link
         store = self._store
         assert store is not None
+        kept = None
         if (
             link is not None
             and not session.queue
@@ -370,12 +380,12 @@ class GatewayBroker(Broker):
             msg.pid = session.take_pid()
             session.inflight[msg.pid] = msg
             if not session.clean:
-                store.add(session.client_id, msg)
+                kept = store.add(session.client_id, msg)
             link.write(msg.frame())
             msg.sent = True
-            return
+            return kept
         if not session.clean:
-            store.add(session.client_id, msg)
+            kept = store.add(session.client_id, msg)
         if len(session.queue) >= self.cfg.session_queue_max:
             dropped = session.queue.popleft()
             self.metrics.drops.labels("session_queue_full").inc()
@@ -387,6 +397,7 @@ class GatewayBroker(Broker):
         session.queue.append(msg)
         if link is not None and link.congested:
             link.wait_drain()
+        return kept
 
     def pump(self, session: Session) -> None:
         """Send queued messages while the in-flight window and the socket have room."""

@@ -10,7 +10,6 @@ replayed op by op inside savepoints so only the bad op fails and the others stil
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
@@ -37,20 +36,24 @@ class Writer:
         self._cfg = cfg
         self._metrics = metrics
         self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        # bulk rows: INSERT statement -> rows, all resolved by one future at the COMMIT of their group
+        self._bulk: dict[str, list[tuple[Any, ...]]] = {}
+        self._bulk_rows = 0
+        self._bulk_future: asyncio.Future[Any] | None = None
         self._room = asyncio.Event()
         self._room.set()
         self._wakeup = asyncio.Event()
-        self._full = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bosun-writer")
         self._conn: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self.commits = 0
         self.rows = 0
         self.last_batch = 0
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop_ref = asyncio.get_running_loop()
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = await loop.run_in_executor(self._executor, self._open)
         self._task = asyncio.create_task(self._loop(), name="bosun-writer")
@@ -62,15 +65,20 @@ class Writer:
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + self._bulk_rows
+
+    @property
+    def open_bulk(self) -> asyncio.Future[Any] | None:
+        """The future of the bulk rows waiting for the next group (they commit no later than any queued op)."""
+        return self._bulk_future
 
     @property
     def congested(self) -> bool:
-        return len(self._pending) >= self._cfg.queue_max
+        return len(self._pending) + self._bulk_rows >= self._cfg.queue_max
 
     async def wait_room(self) -> None:
         """Return once the queue is below its bound again."""
-        while len(self._pending) >= self._cfg.queue_max:
+        while self.congested:
             self._room.clear()
             await self._room.wait()
 
@@ -78,13 +86,26 @@ class Writer:
         """Queue `op` now, whatever the depth; callers that can wait check `congested` and `wait_room`."""
         if self._closing:
             raise StoreError("the writer is stopping")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        pending = self._pending
-        pending.append((op, future))
-        if len(pending) == 1:
+        assert self._loop_ref is not None
+        future: asyncio.Future[Any] = self._loop_ref.create_future()
+        self._pending.append((op, future))
+        self._wakeup.set()
+        return future
+
+    def append(self, sql: str, row: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue one row for a bulk INSERT (executemany) in the next group; cheaper than an op per row."""
+        if self._closing:
+            raise StoreError("the writer is stopping")
+        rows = self._bulk.get(sql)
+        if rows is None:
+            rows = self._bulk[sql] = []
+        rows.append(row)
+        self._bulk_rows += 1
+        future = self._bulk_future
+        if future is None:
+            assert self._loop_ref is not None
+            future = self._bulk_future = self._loop_ref.create_future()
             self._wakeup.set()
-        elif len(pending) >= self._cfg.batch_rows:
-            self._full.set()
         return future
 
     async def enqueue(self, op: Op) -> asyncio.Future[Any]:
@@ -97,38 +118,52 @@ class Writer:
         return await (await self.enqueue(op))
 
     async def _loop(self) -> None:
+        """Group commit: take everything waiting (up to batch_rows ops), commit it, repeat.
+
+        No fixed delay: while one group commits the next one fills, so groups grow with the load and a
+        lone message is committed at once. `flush_ms` > 0 adds a linger for setups that prefer fewer commits.
+        """
         loop = asyncio.get_running_loop()
-        flush_s = self._cfg.flush_ms / 1000.0
+        linger = self._cfg.flush_ms / 1000.0
         while True:
             await self._wakeup.wait()
-            if not self._pending:
+            if not self._pending and not self._bulk_rows:
                 self._wakeup.clear()
                 if self._closing:
                     return
                 continue
-            if len(self._pending) < self._cfg.batch_rows and not self._closing:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), flush_s)
+            if linger and not self._closing and len(self._pending) + self._bulk_rows < self._cfg.batch_rows:
+                await asyncio.sleep(linger)
             batch = self._pending[: self._cfg.batch_rows]
             del self._pending[: len(batch)]
-            self._full.clear()
-            if len(self._pending) >= self._cfg.batch_rows:
-                self._full.set()
+            bulk, bulk_future, bulk_rows = self._bulk, self._bulk_future, self._bulk_rows
+            self._bulk, self._bulk_future, self._bulk_rows = {}, None, 0
             started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self._apply, [op for op, _ in batch])
-            except BaseException as exc:  # the thread died: fail the batch loudly, keep serving
+                results, bulk_error = await loop.run_in_executor(
+                    self._executor, self._apply, [op for op, _ in batch], bulk
+                )
+            except BaseException as exc:  # the thread died: fail the group loudly, keep serving
                 log.exception("writer batch failed")
                 results = [(False, StoreError(f"write failed: {exc!r}"))] * len(batch)
+                bulk_error = StoreError(f"write failed: {exc!r}")
             elapsed = time.perf_counter() - started
             self.commits += 1
-            self.rows += len(batch)
-            self.last_batch = len(batch)
-            self._metrics.writer_batch.observe(len(batch))
+            self.rows += len(batch) + bulk_rows
+            self.last_batch = len(batch) + bulk_rows
+            self._metrics.writer_batch.observe(self.last_batch)
             self._metrics.writer_commit.observe(elapsed)
-            self._metrics.writer_queue.set(len(self._pending))
-            if len(self._pending) < self._cfg.queue_max:
+            self._metrics.writer_queue.set(self.depth)
+            if not self.congested:
                 self._room.set()
+            if bulk_future is not None and not bulk_future.done():
+                if bulk_error is None:
+                    bulk_future.set_result(None)
+                else:
+                    log.error("%d bulk rows were not stored: %s", bulk_rows, bulk_error)
+                    self._metrics.drops.labels("store_error").inc(bulk_rows)
+                    bulk_future.set_exception(bulk_error)
+                    bulk_future.exception()  # logged here; waiters still see it
             for (_, future), (ok, value) in zip(batch, results, strict=True):
                 if future.done():
                     continue
@@ -137,20 +172,35 @@ class Writer:
                 else:
                     future.set_exception(value)
 
-    def _apply(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+    def _apply(
+        self, ops: list[Op], bulk: dict[str, list[tuple[Any, ...]]]
+    ) -> tuple[list[tuple[bool, Any]], Exception | None]:
         """Runs on the writer thread: the whole group in one transaction."""
         conn = self._conn
         assert conn is not None
         conn.execute("BEGIN IMMEDIATE")
         try:
+            for sql, rows in bulk.items():
+                conn.executemany(sql, rows)
             results = [(True, op(conn)) for op in ops]
             conn.execute("COMMIT")
-            return results
+            return results, None
         except Exception:
             conn.execute("ROLLBACK")
-        # replay one by one so a single bad op does not fail its neighbours
+        # replay piece by piece so a single bad op does not fail its neighbours
         out: list[tuple[bool, Any]] = []
+        bulk_error: Exception | None = None
         conn.execute("BEGIN IMMEDIATE")
+        if bulk:
+            conn.execute("SAVEPOINT bulk")
+            try:
+                for sql, rows in bulk.items():
+                    conn.executemany(sql, rows)
+                conn.execute("RELEASE bulk")
+            except Exception as exc:
+                conn.execute("ROLLBACK TO bulk")
+                conn.execute("RELEASE bulk")
+                bulk_error = _translate(exc)
         for op in ops:
             conn.execute("SAVEPOINT op")
             try:
@@ -161,13 +211,12 @@ class Writer:
                 conn.execute("RELEASE op")
                 out.append((False, _translate(exc)))
         conn.execute("COMMIT")
-        return out
+        return out, bulk_error
 
     async def stop(self) -> None:
         """Commit everything queued, then close the connection."""
         self._closing = True
         self._wakeup.set()
-        self._full.set()
         if self._task is not None:
             await self._task
         loop = asyncio.get_running_loop()
