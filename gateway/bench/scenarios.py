@@ -77,7 +77,7 @@ class DurableSession:
         self.rows = RowCounter(seeded.data_dir / "bosun.db", "measurements")
         self.sequence = int(time.time()) * 1000
         self.rss_connected = 0
-        self.presses_in_window = 0
+        self.press_times: list[float] = []
 
     def _on_ack(self, sent_at: float, acked_at: float) -> None:
         self.counters.acked += 1
@@ -143,7 +143,6 @@ class DurableSession:
             self.live.window = (before["t"], end)
             self.samples.clear()
             self.live.samples.clear()
-            self.presses_in_window = 0
             monitor.start()
             last = before
             while time.monotonic() < end - 0.05:
@@ -206,8 +205,7 @@ class DurableSession:
             }
             now = time.monotonic()
             self.live.expect(self.sequence, now)
-            if self.window[0] <= now < self.window[1]:
-                self.presses_in_window += 1
+            self.press_times.append(now)
             self.probe.send_publish(topic, json.dumps(payload).encode(), 1, now)
             next_at += 1.0 / rate
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
@@ -241,7 +239,7 @@ class DurableSession:
         stored = (after["rows"] - before["rows"]) / METRICS_PER_MESSAGE
         puback = stats.summary(self.samples) if plan.qos else None
         live = stats.summary(self.live.samples)
-        live_sent = self.presses_in_window
+        live_sent = sum(1 for t in self.press_times if self.window[0] <= t < self.window[1])
         figures: dict[str, Any] = {
             "rate": plan.rate,
             "qos": plan.qos,
