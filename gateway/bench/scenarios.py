@@ -26,7 +26,7 @@ from gateway.bench.probes import (
     scrape_histogram,
 )
 from gateway.bench.procs import GatewayProc, Proc
-from gateway.bench.seed import Seeded
+from gateway.bench.seed import Device, Seeded
 
 __all__ = ["DurablePlan", "DurableSession", "RelayPlan", "idle_clients", "relay"]
 
@@ -38,7 +38,8 @@ SUSTAINED_P99_MS = 500.0  # ... with PUBACK p99 below this: no backlog building 
 
 
 def _telemetry_payloads(variants: int = 64) -> list[bytes]:
-    """About 40-byte JSON telemetry (DESIGN: a JSON object of metrics), all the same length."""
+    """44-byte JSON telemetry (DESIGN: a JSON object of metrics), padded to one length so each device's
+    PUBLISH header is computed once."""
     rng = random.Random(7)
     return [
         json.dumps({"temperature": round(rng.uniform(18, 27.99), 2), "humidity": round(rng.uniform(30, 69.9), 1)})
@@ -125,8 +126,10 @@ class DurableSession:
         conns = self.fleet.conns
         if not conns:
             return {"rate": plan.rate, "error": "no device connected"}
-        headers = [mqtt.publish_header(d.topic(self.root, "telemetry"), plan.qos, 44) for d in self._connected()]
-        pacer = Pacer(conns, headers, _telemetry_payloads(), plan.qos, plan.inflight, self.counters)
+        payloads = _telemetry_payloads()
+        size = len(payloads[0])
+        headers = [mqtt.publish_header(d.topic(self.root, "telemetry"), plan.qos, size) for d in self._connected()]
+        pacer = Pacer(conns, headers, payloads, plan.qos, plan.inflight, self.counters)
         started = time.monotonic()
         warm_end = started + plan.warmup
         end = warm_end + plan.window
@@ -169,7 +172,8 @@ class DurableSession:
         unacked = await self._drain(plan.drain, report)
         return self._figures(plan, before, after, timeline, rss_peak, unacked, lag)
 
-    def _connected(self) -> list[Any]:
+    def _connected(self) -> list[Device]:
+        """The seeded devices whose connection succeeded, in the fleet's order."""
         by_id = {d.device_id: d for d in self.seeded.devices}
         return [by_id[c.client_id] for c in self.fleet.conns]
 
