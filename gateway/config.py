@@ -197,6 +197,10 @@ def _validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value <= 0:
             raise ConfigError(f"{section}.{key}: expected a positive integer, got {value}")
+    if cfg.mqtt.max_inflight > 65535:
+        raise ConfigError(
+            f"mqtt.max_inflight: expected at most 65535 (packet identifiers), got {cfg.mqtt.max_inflight}"
+        )
     if cfg.store.flush_ms < 0:
         raise ConfigError(f"store.flush_ms: expected 0 or more, got {cfg.store.flush_ms}")
     if cfg.store.traffic_payload_bytes < 0:

@@ -128,21 +128,20 @@ class Connection:
                 return
             self._last_rx = loop.time()
             for kind, flags, body in self._parser.feed(data):
-                if kind == packets.PUBLISH:
-                    if self.session is None:
-                        raise Malformed("section 3.1: the first packet must be CONNECT")
+                if self.session is None:
+                    # section 3.1.0: the first packet is CONNECT, and only the first
+                    if kind != packets.CONNECT:
+                        raise Malformed("section 3.1.0: the first packet must be CONNECT")
+                    if not await self._on_connect(body):
+                        return
+                elif kind == packets.PUBLISH:
                     self._on_publish(flags, body)
                 elif kind == packets.PUBACK or kind == packets.PUBCOMP:
                     self._on_done(packets.decode_pid(body))
                 elif kind == packets.PINGREQ:
                     self.transport.write(packets.pingresp())
                 elif kind == packets.CONNECT:
-                    if self.session is not None:
-                        raise Malformed("section 3.1.0: a second CONNECT")
-                    if not await self._on_connect(body):
-                        return
-                elif self.session is None:
-                    raise Malformed("section 3.1: the first packet must be CONNECT")
+                    raise Malformed("section 3.1.0: a second CONNECT")
                 elif kind == packets.PUBREC:
                     self._on_pubrec(packets.decode_pid(body))
                 elif kind == packets.PUBREL:

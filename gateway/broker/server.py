@@ -58,6 +58,12 @@ def broker_config(cfg: MqttSection) -> dict[str, Any]:
     return {"listeners": listeners, "plugins": {}}
 
 
+def _moved(old: Principal | None, new: Principal) -> bool:
+    if old is None or old.device is None or new.device is None:
+        return False
+    return (old.device.site, old.device.room, old.device.type) != (new.device.site, new.device.room, new.device.type)
+
+
 def bound_port(broker: Broker, listener: str = "default") -> int:
     """The port a listener really bound (port 0 picks one); amqtt only exposes it through a private field."""
     server = broker._servers[listener].instance
@@ -103,7 +109,12 @@ class GatewayBroker(Broker):
         self._store = SessionStore(self.store_writer, last_seq)
         self._retained = retained
         for stored in sessions.values():
-            session = Session(stored.client_id, False, self.gate.principal(stored.username), stored.username)
+            principal = self.gate.principal(stored.username)
+            if principal is None:
+                # its account was deleted while the gateway was down
+                self._store.delete(stored.client_id)
+                continue
+            session = Session(stored.client_id, False, principal, stored.username)
             self._clients[stored.client_id] = session
             for topic_filter, qos in stored.subscriptions.items():
                 session.subscriptions[topic_filter] = qos
@@ -257,27 +268,26 @@ class GatewayBroker(Broker):
             session.publish_acl.clear()
             old = session.principal
             principal = self.gate.principal(session.username)
-            changed = principal is None or (principal.kind == "device" and principal.device != (old and old.device))
-            if changed and session.link is not None:
-                log.warning("disconnecting %s: its registry entry changed", session.client_id)
-                if isinstance(session.link, Connection):
-                    session.link.reason = "registry entry changed"
-                session.link.close()
-            if principal is None or (
-                old is not None
-                and old.device is not None
-                and principal.device is not None
-                and (old.device.site, old.device.room) != (principal.device.site, principal.device.room)
-            ):
-                # deleted, or moved to another namespace: its stored subscriptions and queue no longer apply
-                if session.link is None:
-                    self._discard(session)
-                else:
-                    session.clean = True  # discarded when the closing connection detaches
-                    assert self._store is not None
-                    self._store.delete(session.client_id)
+            device = principal.device if principal is not None else None
+            if principal is None or (old is not None and old.device is not None and device != old.device):
+                self._registry_changed(session, gone=principal is None or _moved(old, principal))
             if principal is not None:
                 session.principal = principal
+
+    def _registry_changed(self, session: Session, gone: bool) -> None:
+        link = session.link
+        if link is not None:
+            log.warning("disconnecting %s: its registry entry changed", session.client_id)
+            if isinstance(link, Connection):
+                link.reason = "registry entry changed"
+            link.close()  # the will still goes out when the connection ends
+        if gone and not session.clean:
+            # deleted, or moved to another namespace: its stored subscriptions and queue no longer apply
+            assert self._store is not None
+            self._store.delete(session.client_id)
+            session.clean = True  # discarded now, or when its closing connection detaches
+            if link is None:
+                self._discard(session)
 
     # -- inbound -------------------------------------------------------------------------------------------
 
