@@ -23,9 +23,18 @@ _NOT_A_NUMBER = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+inf
 _KEEP_TEXT = re.compile(r"(.*_)?(version|id|serial|mac|sku|code)$")
 
 
+_SNAKE: dict[str, str] = {}
+
+
 def snake_case(name: str) -> str:
-    """heapFreeKb -> heap_free_kb; already snake keys are unchanged."""
-    return _CAMEL_2.sub(r"\1_\2", _CAMEL_1.sub(r"\1_\2", name)).replace("-", "_").lower()
+    """heapFreeKb -> heap_free_kb; already snake keys are unchanged. Cached: devices send the same keys."""
+    done = _SNAKE.get(name)
+    if done is None:
+        done = _CAMEL_2.sub(r"\1_\2", _CAMEL_1.sub(r"\1_\2", name)).replace("-", "_").lower()
+        if len(_SNAKE) >= 4096:
+            _SNAKE.clear()
+        _SNAKE[name] = done
+    return done
 
 
 def decode(data: bytes, msgpack_payload: bool = False) -> Any:

@@ -69,6 +69,9 @@ class StoreSection:
         "group is done (groups then grow with the load).",
         0,
     )
+    writer_process: bool = _help(
+        "Commit traffic and measurement rows in a child process (keeps the GIL free for the broker).", True
+    )
     batch_rows: int = _help("Most writes committed in one group.", 500)
     queue_max: int = _help("Most writes waiting for the writer; publishers wait beyond it (backpressure).", 20000)
     synchronous: str = _help(

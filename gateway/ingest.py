@@ -60,6 +60,7 @@ class Ingest:
         self._latency = metrics.commit_latency
         self._prefix = f"{self._root}/"
         self._counters: dict[str, Any] = {}
+        self._topics: dict[str, topics.DeviceTopic] = {}  # parsed device topics (each device uses a few)
         self._stored_measurements = metrics.stored.labels("measurements")
         self._tracked: asyncio.Future[Any] | None = None
         self._times: list[float] = []
@@ -154,12 +155,19 @@ class Ingest:
         if len(msg.payload) > self._max_payload:
             error = "oversized_payload"
         else:
-            try:
-                parsed = topics.parse(msg.topic, self._root)
+            parsed = self._topics.get(msg.topic)
+            if parsed is None:
+                try:
+                    parsed = topics.parse(msg.topic, self._root)
+                except TopicError as exc:
+                    error = exc.reason
+                    action = "bad_topic"
+                else:
+                    if len(self._topics) >= 20_000:
+                        self._topics.clear()
+                    self._topics[msg.topic] = parsed
+            if parsed is not None:
                 action = parsed.action.split("/", 1)[0]
-            except TopicError as exc:
-                error = exc.reason
-                action = "bad_topic"
         if parsed is not None and error is None:
             device = self._accounts.device(parsed.device_id)
             if device is None:

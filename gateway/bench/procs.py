@@ -70,20 +70,36 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def cpu_seconds(self) -> float:
-        """utime + stime of the whole process (all threads), in seconds; 0 once it has exited."""
+    def _pids(self) -> list[int]:
+        """The process and its children (the gateway's bulk writer process is part of the gateway)."""
+        pids = [self.pid]
         try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
         except OSError:
-            return 0.0
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+            children = []
+        return pids + [int(c) for c in children]
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process and its children (all threads), in seconds; 0 once it has exited."""
+        total = 0.0
+        for pid in self._pids():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICKS
+        return total
 
     def rss_bytes(self) -> int:
-        try:
-            return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * _PAGE
-        except OSError:
-            return 0
+        """Resident memory of the process and its children."""
+        total = 0
+        for pid in self._pids():
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+            except OSError:
+                continue
+        return total
 
     def log_tail(self, lines: int = 15) -> str:
         try:

@@ -64,6 +64,13 @@ def _moved(old: Principal | None, new: Principal) -> bool:
     return (old.device.site, old.device.room, old.device.type) != (new.device.site, new.device.room, new.device.type)
 
 
+def _both(first: asyncio.Future[Any], second: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """Resolves when both have: with the first error, if any."""
+    both = asyncio.gather(first, second)
+    both.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return both
+
+
 def bound_port(broker: Broker, listener: str = "default") -> int:
     """The port a listener really bound (port 0 picks one); amqtt only exposes it through a private field."""
     server = broker._servers[listener].instance
@@ -323,9 +330,11 @@ class GatewayBroker(Broker):
         if retain:
             kept = self._retain(topic, payload, qos)
         stored = self.ingest.submit(Message(session.client_id, topic, payload, qos, retain, time.time()))
-        if kept is not None and (stored is None or stored is self.store_writer.open_bulk):
-            return kept  # bulk rows commit in the next group; queued ops may need a later one
-        return stored
+        if kept is None:
+            return stored
+        if stored is None:
+            return kept
+        return _both(stored, kept)  # the message's rows and its kept copies may commit in different groups
 
     def _retain(self, topic: str, payload: bytes, qos: int) -> asyncio.Future[Any]:
         if payload:

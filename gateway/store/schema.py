@@ -175,7 +175,9 @@ MIGRATIONS.append(
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def connect(path: Path, *, readonly: bool = False, synchronous: str = "NORMAL") -> sqlite3.Connection:
+def connect(
+    path: Path, *, readonly: bool = False, synchronous: str = "NORMAL", autocheckpoint: bool = True
+) -> sqlite3.Connection:
     """Open the database with the settings every connection needs (WAL, busy timeout, foreign keys)."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA busy_timeout = 30000")
@@ -185,6 +187,10 @@ def connect(path: Path, *, readonly: bool = False, synchronous: str = "NORMAL") 
     else:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        if not autocheckpoint:
+            # the gateway's writers leave checkpoints to a thread of their own (store.writer): a checkpoint in
+            # the committing connection stalls every acknowledgement waiting for that commit
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
     return conn
 
 

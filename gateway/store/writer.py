@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 from gateway.config import StoreSection
 from gateway.errors import StoreError
 from gateway.metrics import Metrics
+from gateway.store.bulk import BulkWriter
 from gateway.store.schema import connect, migrate
 
 __all__ = ["Op", "Writer"]
@@ -48,6 +50,12 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._turn = False  # the thread's group is next or committing: the bulk child holds back
+        self._proc: BulkWriter | None = None
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoints, name="bosun-checkpoint", daemon=True)
+        if cfg.writer_process:
+            self._proc = BulkWriter(path, cfg.synchronous, metrics, self._check_room, lambda: self._turn)
         self.commits = 0
         self.rows = 0
         self.last_batch = 0
@@ -57,24 +65,39 @@ class Writer:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = await loop.run_in_executor(self._executor, self._open)
         self._task = asyncio.create_task(self._loop(), name="bosun-writer")
+        self._checkpointer.start()
+        if self._proc is not None:
+            await self._proc.start()  # after _open: the schema is migrated before the child opens the file
 
     def _open(self) -> sqlite3.Connection:
-        conn = connect(self._path, synchronous=self._cfg.synchronous)
+        conn = connect(self._path, synchronous=self._cfg.synchronous, autocheckpoint=False)
         migrate(conn)
         return conn
 
-    @property
-    def depth(self) -> int:
-        return len(self._pending) + self._bulk_rows
+    def _checkpoints(self) -> None:
+        """A thread of its own copies the WAL into the database every second (PASSIVE: it never blocks a
+        writer, and the sqlite3 call holds no GIL), so no commit pays for a checkpoint."""
+        conn = connect(self._path, synchronous=self._cfg.synchronous)
+        try:
+            while not self._stop_checkpoints.wait(1.0):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed: %s", exc)
+        finally:
+            conn.close()
 
     @property
-    def open_bulk(self) -> asyncio.Future[Any] | None:
-        """The future of the bulk rows waiting for the next group (they commit no later than any queued op)."""
-        return self._bulk_future
+    def depth(self) -> int:
+        return len(self._pending) + self._bulk_rows + (self._proc.depth if self._proc is not None else 0)
 
     @property
     def congested(self) -> bool:
-        return len(self._pending) + self._bulk_rows >= self._cfg.queue_max
+        return self.depth >= self._cfg.queue_max
+
+    def _check_room(self) -> None:
+        if not self.congested:
+            self._room.set()
 
     async def wait_room(self) -> None:
         """Return once the queue is below its bound again."""
@@ -93,9 +116,14 @@ class Writer:
         return future
 
     def append(self, sql: str, row: tuple[Any, ...]) -> asyncio.Future[Any]:
-        """Queue one row for a bulk INSERT (executemany) in the next group; cheaper than an op per row."""
+        """Queue one row for a bulk INSERT (executemany) in the next group; cheaper than an op per row.
+
+        With `store.writer_process` the group is committed by the child process, independently of ops.
+        """
         if self._closing:
             raise StoreError("the writer is stopping")
+        if self._proc is not None:
+            return self._proc.append(sql, row)
         rows = self._bulk.get(sql)
         if rows is None:
             rows = self._bulk[sql] = []
@@ -140,6 +168,9 @@ class Writer:
             self._bulk, self._bulk_future, self._bulk_rows = {}, None, 0
             started = time.perf_counter()
             try:
+                if self._proc is not None:
+                    self._turn = True
+                    await self._proc.wait_idle()
                 results, bulk_error = await loop.run_in_executor(
                     self._executor, self._apply, [op for op, _ in batch], bulk
                 )
@@ -147,6 +178,10 @@ class Writer:
                 log.exception("writer batch failed")
                 results = [(False, StoreError(f"write failed: {exc!r}"))] * len(batch)
                 bulk_error = StoreError(f"write failed: {exc!r}")
+            finally:
+                if self._proc is not None:
+                    self._turn = False
+                    self._proc.kick()
             elapsed = time.perf_counter() - started
             self.commits += 1
             self.rows += len(batch) + bulk_rows
@@ -154,8 +189,7 @@ class Writer:
             self._metrics.writer_batch.observe(self.last_batch)
             self._metrics.writer_commit.observe(elapsed)
             self._metrics.writer_queue.set(self.depth)
-            if not self.congested:
-                self._room.set()
+            self._check_room()
             if bulk_future is not None and not bulk_future.done():
                 if bulk_error is None:
                     bulk_future.set_result(None)
@@ -215,6 +249,11 @@ class Writer:
 
     async def stop(self) -> None:
         """Commit everything queued, then close the connection."""
+        if self._proc is not None:
+            await self._proc.stop()
+        self._stop_checkpoints.set()
+        if self._checkpointer.is_alive():
+            await asyncio.to_thread(self._checkpointer.join)
         self._closing = True
         self._wakeup.set()
         if self._task is not None:

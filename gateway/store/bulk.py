@@ -1,0 +1,171 @@
+"""Bulk rows (traffic log, measurements) committed by a child process (gateway/store/bulkproc.py).
+
+The child and the writer thread take turns (`hold`): two SQLite writers that collide wait in the busy
+handler's coarse sleeps (up to 100 ms), which would land on the PUBACKs waiting for either.
+
+`append(sql, row)` adds a row to the open group and returns that group's future, which resolves after the
+child's COMMIT. One group is committing while the next fills, so groups grow with the load. If the child
+dies, the groups it held fail (their messages get no PUBACK, so devices resend them) and a new child starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from gateway.errors import StoreError
+from gateway.metrics import Metrics
+
+__all__ = ["BulkWriter"]
+
+log = logging.getLogger(__name__)
+_LEN = struct.Struct("!I")
+_IN_FLIGHT = 2  # groups sent to the child and not yet answered: one committing, one queued behind it
+
+
+class BulkWriter:
+    def __init__(
+        self, path: Path, synchronous: str, metrics: Metrics, on_done: Callable[[], None], hold: Callable[[], bool]
+    ) -> None:
+        self._on_done = on_done
+        self._hold = hold
+        self._path = path
+        self._synchronous = synchronous
+        self._metrics = metrics
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._open: dict[str, list[tuple[Any, ...]]] = {}
+        self._open_rows = 0
+        self._open_future: asyncio.Future[None] | None = None
+        self._sent: dict[int, tuple[asyncio.Future[None], int]] = {}
+        self._sent_rows = 0
+        self._next_id = 0
+        self._scheduled = False
+        self._closing = False
+        self.groups = 0
+        self.rows = 0
+
+    async def start(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.store.bulkproc",
+            str(self._path),
+            self._synchronous,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._answers(self._proc), name="bosun-bulk-answers")
+
+    @property
+    def depth(self) -> int:
+        return self._open_rows + self._sent_rows
+
+    def append(self, sql: str, row: tuple[Any, ...]) -> asyncio.Future[None]:
+        if self._closing:
+            raise StoreError("the writer is stopping")
+        rows = self._open.get(sql)
+        if rows is None:
+            rows = self._open[sql] = []
+        rows.append(row)
+        self._open_rows += 1
+        future = self._open_future
+        if future is None:
+            future = self._open_future = asyncio.get_running_loop().create_future()
+            if not self._scheduled and len(self._sent) < _IN_FLIGHT:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._send)
+        return future
+
+    def _send(self) -> None:
+        """Hand the open group to the child (at the end of this loop turn, so it holds all of this turn's rows)."""
+        self._scheduled = False
+        proc = self._proc
+        future = self._open_future
+        if future is None or proc is None or proc.stdin is None or len(self._sent) >= _IN_FLIGHT or self._hold():
+            return
+        tables, rows = self._open, self._open_rows
+        self._open, self._open_rows, self._open_future = {}, 0, None
+        self._next_id += 1
+        body = msgpack.packb([self._next_id, list(tables.items())])
+        self._sent[self._next_id] = (future, rows)
+        self._sent_rows += rows
+        proc.stdin.write(_LEN.pack(len(body)) + body)
+
+    async def _answers(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while True:
+                head = await proc.stdout.readexactly(4)
+                group_id, error = msgpack.unpackb(await proc.stdout.readexactly(_LEN.unpack(head)[0]))
+                future, rows = self._sent.pop(group_id)
+                self._sent_rows -= rows
+                self.groups += 1
+                self.rows += rows
+                self._metrics.writer_batch.observe(rows)
+                if error is None:
+                    future.set_result(None)
+                else:
+                    self._fail(future, rows, StoreError(error))
+                if self._open_future is not None and not self._scheduled:
+                    self._send()
+                self._on_done()
+        except asyncio.IncompleteReadError:
+            pass
+        if self._closing:
+            return
+        log.error("the bulk writer process exited (code %s); restarting it", await proc.wait())
+        for future, rows in self._sent.values():
+            self._fail(future, rows, StoreError("the bulk writer process died"))
+        self._sent.clear()
+        self._sent_rows = 0
+        await self.start()
+        if self._open_future is not None:
+            self._send()
+
+    def kick(self) -> None:
+        """The writer thread finished its turn: send what opened meanwhile."""
+        if self._open_future is not None and not self._scheduled:
+            self._send()
+
+    async def wait_idle(self) -> None:
+        """Until no group is committing (the caller holds new ones back with `hold`)."""
+        while self._sent:
+            await asyncio.wait([f for f, _ in self._sent.values()])
+
+    def _fail(self, future: asyncio.Future[None], rows: int, error: StoreError) -> None:
+        log.error("%d bulk rows were not stored: %s", rows, error)
+        self._metrics.drops.labels("store_error").inc(rows)
+        future.set_exception(error)
+        future.exception()  # logged here; waiters still see it
+
+    async def stop(self) -> None:
+        """Send what is open, wait for every answer, then let the child exit."""
+        while self._open_future is not None or self._sent:
+            if self._open_future is not None and len(self._sent) < _IN_FLIGHT and not self._hold():
+                self._send()
+            waiting = [f for f, _ in self._sent.values()]
+            if waiting:
+                await asyncio.wait(waiting)
+            else:
+                await asyncio.sleep(0)
+        self._closing = True
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            proc.stdin.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 10)
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
