@@ -48,7 +48,11 @@ class MqttSection:
     anonymous_publish: list[str] = _help("Topic patterns anonymous clients may publish to.", [])
     anonymous_subscribe: list[str] = _help("Topic patterns anonymous clients may subscribe to.", [])
     anonymous_deny: list[str] = _help("Topic patterns anonymous clients may never use (wins over the allow lists).", [])
-    max_inflight: int = _help("Most unacknowledged QoS 1/2 messages in flight to one client; the rest wait.", 20)
+    max_inflight: int = _help(
+        "Most unacknowledged QoS 1/2 messages in flight to one client; the rest wait in its session queue. "
+        "Small windows cap a busy subscriber at one window per round trip.",
+        1000,
+    )
     session_queue_max: int = _help(
         "Most messages waiting for one client (offline or slow) beyond max_inflight; the oldest are dropped, counted.",
         1000,
@@ -82,6 +86,11 @@ class StoreSection:
     max_db_mb: int = _help("Disk budget for the database; oldest measurements and traffic go first.", 1024)
     traffic_rows: int = _help("Rows kept in the traffic log.", 100000)
     traffic_payload_bytes: int = _help("Bytes of each payload kept in the traffic log.", 1024)
+    traffic_rate: int = _help(
+        "Most messages per second written to the traffic log (a diagnostic log; records are kept regardless); "
+        "beyond it rows are skipped and counted, except for messages with an error. 0 is unlimited.",
+        2000,
+    )
     retention_check_s: int = _help("Seconds between retention checks.", 60)
 
 
@@ -206,6 +215,8 @@ def _validate(cfg: Config) -> None:
         )
     if cfg.store.flush_ms < 0:
         raise ConfigError(f"store.flush_ms: expected 0 or more, got {cfg.store.flush_ms}")
+    if cfg.store.traffic_rate < 0:
+        raise ConfigError(f"store.traffic_rate: expected 0 or more, got {cfg.store.traffic_rate}")
     if cfg.store.traffic_payload_bytes < 0:
         raise ConfigError("store.traffic_payload_bytes: expected 0 or more")
     if cfg.mqtt.max_connections == 0 or cfg.mqtt.max_connections < -1:

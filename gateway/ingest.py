@@ -59,6 +59,10 @@ class Ingest:
         self._metrics = metrics
         self._latency = metrics.commit_latency
         self._prefix = f"{self._root}/"
+        self._traffic_rate = cfg.store.traffic_rate
+        self._tokens = float(cfg.store.traffic_rate)
+        self._refilled = time.monotonic()
+        self._skipped = metrics.traffic_skipped
         self._counters: dict[str, Any] = {}
         self._topics: dict[str, topics.DeviceTopic] = {}  # parsed device topics (each device uses a few)
         self._stored_measurements = metrics.stored.labels("measurements")
@@ -83,16 +87,34 @@ class Ingest:
         """
         step = self._plan(msg)
         writer = self._writer
-        traffic = writer.append(_TRAFFIC_SQL, self._traffic_row(msg, step.error))
+        traffic = None
+        if step.error is not None or self._traffic_budget():
+            traffic = writer.append(_TRAFFIC_SQL, self._traffic_row(msg, step.error))
         if step.foreign:
             return None
         if step.op is None:
-            self._track(traffic, msg.received_at)
-            return traffic
+            rows = step.bulk or traffic
+            if rows is not None:
+                self._track(rows, msg.received_at)
+            return rows
         future = writer.submit(step.op)
         received_at = msg.received_at
         future.add_done_callback(lambda f: self._after_commit(f, received_at))
         return future
+
+    def _traffic_budget(self) -> bool:
+        """Token bucket for the traffic log: `traffic_rate` rows a second, bursts up to one second's worth."""
+        rate = self._traffic_rate
+        if not rate:
+            return True
+        now = time.monotonic()
+        self._tokens = min(float(rate), self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        self._skipped.inc()
+        return False
 
     def _traffic_row(self, msg: Message, error: str | None) -> tuple[Any, ...]:
         payload = msg.payload if len(msg.payload) <= self._keep else msg.payload[: self._keep]
@@ -188,7 +210,7 @@ class Ingest:
         route = _ROUTES.get(action)
         if route is None:
             if not action.startswith("cmd"):
-                self._measure(parsed, body, msg.received_at)
+                return _Step(bulk=self._measure(parsed, body, msg.received_at))
             return _Step()
         device_id, received_at, dtopic = parsed.device_id, msg.received_at, parsed
 
@@ -198,22 +220,25 @@ class Ingest:
 
         return _Step(op=op)
 
-    def _measure(self, parsed: topics.DeviceTopic, body: Any, received_at: float) -> None:
+    def _measure(self, parsed: topics.DeviceTopic, body: Any, received_at: float) -> asyncio.Future[Any] | None:
         """Telemetry: one measurement row per metric, appended to the writer's next group."""
         metrics, ts = codec.extract_metrics(parsed.action.replace("/", "."), body)
         if not metrics:
             self._metrics.drops.labels("no_measurements").inc()
-            return
+            return None
         when = ts if ts is not None and _EARLIEST_DEVICE_TS <= ts <= received_at + 86400 else received_at
         append = self._writer.append
+        future = None
         for name, value in metrics:
-            append(_MEASUREMENT_SQL, (parsed.device_id, name, when, value))
+            future = append(_MEASUREMENT_SQL, (parsed.device_id, name, when, value))
         self._stored_measurements.inc(len(metrics))
+        return future
 
 
 @dataclass(frozen=True, slots=True)
 class _Step:
     op: Any = None
+    bulk: asyncio.Future[Any] | None = None
     error: str | None = None
     foreign: bool = False
 

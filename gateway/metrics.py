@@ -24,6 +24,9 @@ class Metrics:
         self.auth_failures = Counter(
             "bosun_auth_failures", "Refused MQTT connections by reason", ["reason"], registry=r
         )
+        self.traffic_skipped = Counter(
+            "bosun_traffic_log_skipped", "Messages not written to the traffic log (store.traffic_rate)", registry=r
+        )
         self.stored = Counter("bosun_stored_rows", "Rows stored by table", ["table"], registry=r)
         self.writer_batch = Histogram(
             "bosun_writer_batch_size",

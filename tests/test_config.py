@@ -393,7 +393,7 @@ def test_describe_lists_every_key_once_with_its_default_and_help() -> None:
         for section in dataclasses.fields(cfg)
         for f in dataclasses.fields(getattr(cfg, section.name))
     ]
-    assert len(every) == 31
+    assert len(every) == 32
     assert [dotted for _, dotted, _, _ in rows] == every
     for env_name, dotted, default, help_text in rows:
         section, key = dotted.split(".")

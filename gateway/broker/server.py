@@ -355,6 +355,7 @@ class GatewayBroker(Broker):
         if not subscribers:
             return None
         frame0: bytes | None = None
+        encoded = b""
         kept: asyncio.Future[Any] | None = None
         for session, granted in subscribers.items():
             allowed = session.acl.get(topic)
@@ -372,10 +373,13 @@ class GatewayBroker(Broker):
                     self._slow.inc()
                     continue
                 if frame0 is None:
-                    frame0 = packets.encode_publish(packets.topic_bytes(topic), payload, 0, False)
+                    encoded = encoded or packets.topic_bytes(topic)
+                    frame0 = packets.encode_publish(encoded, payload, 0, False)
                 link.write(frame0)
             else:
-                kept = self._enqueue(session, Outgoing(topic, payload, q)) or kept
+                encoded = encoded or packets.topic_bytes(topic)
+                msg = Outgoing(topic, payload, q, encoded_topic=encoded)
+                kept = self._enqueue(session, msg) or kept
         return kept
 
     def _may_receive(self, session: Session, topic: str) -> bool:

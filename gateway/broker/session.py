@@ -45,13 +45,13 @@ class Outgoing:
     released: bool = False  # QoS 2: PUBREC received, PUBREL sent
     sent: bool = False  # sent at least once: a resend carries DUP=1
     seq: int = 0  # row in mqtt_messages for a persistent session; 0 when not stored
+    encoded_topic: bytes = b""  # the topic with its length prefix, encoded once per routed message
 
     def frame(self) -> bytes:
         if self.released:
             return packets.ack(packets.PUBREL, self.pid)
-        return packets.encode_publish(
-            packets.topic_bytes(self.topic), self.payload, self.qos, self.retain, self.pid, self.sent
-        )
+        topic = self.encoded_topic or packets.topic_bytes(self.topic)
+        return packets.encode_publish(topic, self.payload, self.qos, self.retain, self.pid, self.sent)
 
 
 @dataclass(slots=True)
