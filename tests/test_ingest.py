@@ -245,3 +245,22 @@ async def test_a_write_that_fails_is_not_acknowledged(gateway: Running, paho_cli
     assert gateway.gw.health()["counters"]["drops"]["store_error"] == 1
     # the connection and other messages are unaffected
     await asyncio.to_thread(device.publish, topic("btn-1", "heartbeat"), "", 1)
+
+
+async def test_traffic_log_is_capped_but_every_measurement_is_stored(tmp_path) -> None:
+    """store.traffic_rate caps the diagnostic traffic log; the records (measurements) are all kept."""
+    from mqttraw import RawClient, started
+    from mqttraw import topic as raw_topic
+
+    async with started(tmp_path, **{"store.traffic_rate": 5}) as gw:
+        password = await gw.add_device("sen-9", type_="sensor")
+        client = RawClient(gw.mqtt_port)
+        await client.connect("sen-9", "sen-9", password)
+        for i in range(40):
+            await client.publish(raw_topic("sen-9", "telemetry", type_="sensor"), json.dumps({"t": i}).encode(), qos=1)
+        rows = await gw.wait_for("SELECT COUNT(*) FROM measurements WHERE device_id = 'sen-9' HAVING COUNT(*) = 40")
+        assert rows == [(40,)]
+        traffic = gw.rows("SELECT COUNT(*) FROM traffic WHERE client_id = 'sen-9'")[0][0]
+        assert 5 <= traffic <= 8  # one second's burst, plus what refilled meanwhile
+        assert gw.gw.metrics.traffic_skipped._value.get() == 40 - traffic
+        await client.close()
