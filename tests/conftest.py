@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -26,6 +27,7 @@ from gateway.store import registry
 from gateway.store.schema import connect, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["mqttraw"]  # its `raw` fixture: raw MQTT clients closed after each test
 BOSUN = [sys.executable, "-m", "gateway"]
 
 
@@ -240,3 +242,44 @@ def no_leaked_threads() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not leaked, f"leaked threads: {[t.name for t in leaked]}"
+
+
+def start_gateway(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], int, int]:
+    """`bosun run` as a subprocess on ephemeral loopback ports; returns it, its MQTT and HTTP ports once ready."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "run",
+            "--data-dir",
+            str(data_dir),
+            "--mqtt-port",
+            "0",
+            "--http-port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    banner = ""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        banner += line
+        if "HTTP   http://" in line:
+            mqtt_port = int(re.search(r"mqtt://[^:]+:(\d+)", banner).group(1))  # type: ignore[union-attr]
+            http_port = int(re.search(r"http://[^:]+:(\d+)", line).group(1))  # type: ignore[union-attr]
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            proc.banner = banner  # type: ignore[attr-defined]
+            return proc, mqtt_port, http_port
+    proc.kill()
+    raise AssertionError(f"gateway did not start:\n{banner}")

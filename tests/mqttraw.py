@@ -17,11 +17,14 @@ import contextlib
 import importlib
 import json
 import re
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import pytest
 
 __all__ = [
     "CONNACK",
@@ -557,3 +560,27 @@ async def metric(running: GatewayUnderTest, name: str, **labels: str) -> float:
         if found == wanted:
             return float(m.group(3))
     return 0.0
+
+
+def start_gateway(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], int, int]:
+    """conftest.start_gateway (`bosun run` as a subprocess), typed here like the rest of this module."""
+    start: Callable[..., tuple[subprocess.Popen[str], int, int]] = importlib.import_module("conftest").start_gateway
+    return start(data_dir, *extra)
+
+
+MakeRaw = Callable[..., RawClient]
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[MakeRaw]:
+    """Raw MQTT clients, all closed at the end of the test (a plugin of conftest: every test can use it)."""
+    made: list[RawClient] = []
+
+    def make(port: int, auto_ack: bool = False) -> RawClient:
+        client = RawClient(port, auto_ack=auto_ack)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()

@@ -14,49 +14,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import ROOT, db_rows, db_write
+from conftest import ROOT, db_rows, db_write, start_gateway
 
 from gateway.store import registry
-
-
-def start_gateway(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], int, int]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "--data-dir",
-            str(data_dir),
-            "--mqtt-port",
-            "0",
-            "--http-port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-            *extra,
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    banner = ""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        banner += line
-        if "HTTP   http://" in line:
-            mqtt_port = int(re.search(r"mqtt://[^:]+:(\d+)", banner).group(1))  # type: ignore[union-attr]
-            http_port = int(re.search(r"http://[^:]+:(\d+)", line).group(1))  # type: ignore[union-attr]
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            proc.banner = banner  # type: ignore[attr-defined]
-            return proc, mqtt_port, http_port
-    proc.kill()
-    raise AssertionError(f"gateway did not start:\n{banner}")
 
 
 def test_bad_config_stops_startup_naming_the_key(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from mqttraw import (
     PUBLISH,
     PUBREC,
     PUBREL,
+    MakeRaw,
     Packet,
     RawClient,
     Will,
@@ -40,23 +40,6 @@ from mqttraw import (
 
 TELEMETRY = "bosun/+/+/sensor/+/telemetry"
 AVAILABILITY = "bosun/+/+/+/+/availability"
-
-MakeRaw = Callable[..., RawClient]
-
-
-@pytest.fixture
-async def raw() -> AsyncIterator[MakeRaw]:
-    """Raw MQTT clients, all closed at the end of the test."""
-    made: list[RawClient] = []
-
-    def make(port: int, auto_ack: bool = False) -> RawClient:
-        client = RawClient(port, auto_ack=auto_ack)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.close()
 
 
 async def device(

@@ -10,13 +10,8 @@ import asyncio
 import contextlib
 import importlib
 import json
-import re
 import signal
 import subprocess
-import sys
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -26,30 +21,16 @@ from mqttraw import (
     PUBREC,
     PUBREL,
     ConnectionClosedError,
+    MakeRaw,
     Packet,
-    RawClient,
     add_integration,
     publish_packet,
+    start_gateway,
     started,
     topic,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-MakeRaw = Callable[..., RawClient]
-
-
-@pytest.fixture
-async def raw() -> AsyncIterator[MakeRaw]:
-    made: list[RawClient] = []
-
-    def make(port: int, auto_ack: bool = False) -> RawClient:
-        client = RawClient(port, auto_ack=auto_ack)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.close()
 
 
 def command_name(p: Packet) -> str:
@@ -188,46 +169,6 @@ async def test_retained_messages_survive_a_restart(tmp_path: Path, raw: MakeRaw)
 # ---------------------------------------------------------------------------------------------- kill -9
 
 
-def start_gateway(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
-    """`bosun run` as a subprocess on ephemeral loopback ports; returns it and its MQTT port once ready."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "--data-dir",
-            str(data_dir),
-            "--mqtt-port",
-            "0",
-            "--http-port",
-            "0",
-            "--bind",
-            "127.0.0.1",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    banner = ""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        banner += line
-        if "HTTP   http://" in line:
-            found = re.search(r"mqtt://[^:]+:(\d+)", banner)
-            assert found, banner
-            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
-            return proc, int(found.group(1))
-    proc.kill()
-    proc.wait(10)
-    raise AssertionError(f"gateway did not start:\n{banner}")
-
-
 def stop_gateway(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -258,7 +199,7 @@ async def test_every_pubacked_message_survives_kill_9_and_restart(tmp_path: Path
         data, lambda c: registry.add_device(c, registry.NewDevice("s1", "yacht", "engine", "sensor"), "test")
     )
     where = topic("s1", "temperature", room="engine", type_="sensor")
-    proc, port = await asyncio.to_thread(start_gateway, data)
+    proc, port, _ = await asyncio.to_thread(start_gateway, data)
     try:
         dev = raw(port)
         assert (await dev.connect("s1", "s1", password)).return_code == 0
@@ -304,7 +245,7 @@ async def test_every_pubacked_message_survives_kill_9_and_restart(tmp_path: Path
             proc.kill()
             proc.wait(10)
 
-    proc, port = await asyncio.to_thread(start_gateway, data)
+    proc, port, _ = await asyncio.to_thread(start_gateway, data)
     try:
         stored = {int(v) for (v,) in db_rows(data, "SELECT value FROM measurements WHERE device_id = 's1'")}
         lost = acked - stored
