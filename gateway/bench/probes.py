@@ -87,8 +87,7 @@ class LiveListener:
         self._client = client
         self._device_id = device_id
         self.sent: dict[int, float] = {}
-        self.samples: list[float] = []
-        self.window = (math.inf, math.inf)
+        self.arrivals: list[tuple[float, float]] = []  # (sent at, latency) of every press seen
         self.received = 0
         self.error: str | None = None
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -134,8 +133,12 @@ class LiveListener:
         if sent_at is None:
             return
         self.received += 1
-        if self.window[0] <= sent_at < self.window[1]:
-            self.samples.append(now - sent_at)
+        self.arrivals.append((sent_at, now - sent_at))
+
+    def latencies(self, window: tuple[float, float]) -> list[float]:
+        """Latencies of the presses sent within `window` (decided at the end: the window's start is only
+        known after an await, and a press may arrive meanwhile)."""
+        return [latency for sent_at, latency in self.arrivals if window[0] <= sent_at < window[1]]
 
     async def stop(self) -> None:
         if self._task is not None:

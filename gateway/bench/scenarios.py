@@ -143,9 +143,7 @@ class DurableSession:
             await _sleep_until(warm_end, started, end, report, "warm-up", self.counters)
             before = await self._snapshot()
             self.window = (before["t"], end)
-            self.live.window = (before["t"], end)
             self.samples.clear()
-            self.live.samples.clear()
             monitor.start()
             last = before
             while time.monotonic() < end - 0.05:
@@ -242,7 +240,7 @@ class DurableSession:
         c: Counters = after["counters"].minus(before["counters"])
         stored = (after["rows"] - before["rows"]) / METRICS_PER_MESSAGE
         puback = stats.summary(self.samples) if plan.qos else None
-        live = stats.summary(self.live.samples)
+        live = stats.summary(self.live.latencies(self.window))
         live_sent = sum(1 for t in self.press_times if self.window[0] <= t < self.window[1])
         figures: dict[str, Any] = {
             "rate": plan.rate,
