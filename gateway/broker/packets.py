@@ -98,28 +98,24 @@ class Parser:
 
 
 def _string(body: bytes, pos: int, what: str) -> tuple[str, int]:
-    if pos + 2 > len(body):
-        raise Malformed(f"section 1.5.3: truncated {what}")
-    n = (body[pos] << 8) | body[pos + 1]
-    raw = body[pos + 2 : pos + 2 + n]
-    if len(raw) != n:
-        raise Malformed(f"section 1.5.3: truncated {what}")
+    raw, pos = _binary(body, pos, what, "1.5.3")
     try:
         text = raw.decode()
     except UnicodeDecodeError:
         raise Malformed(f"section 1.5.3: {what} is not UTF-8") from None
     if "\x00" in text:
         raise Malformed(f"section 1.5.3: {what} contains U+0000")
-    return text, pos + 2 + n
+    return text, pos
 
 
-def _binary(body: bytes, pos: int, what: str) -> tuple[bytes, int]:
+def _binary(body: bytes, pos: int, what: str, section: str = "3.1.3") -> tuple[bytes, int]:
+    """A 2-byte length and that many bytes; `section` is the rule a truncation breaks."""
     if pos + 2 > len(body):
-        raise Malformed(f"section 3.1.3: truncated {what}")
+        raise Malformed(f"section {section}: truncated {what}")
     n = (body[pos] << 8) | body[pos + 1]
     raw = body[pos + 2 : pos + 2 + n]
     if len(raw) != n:
-        raise Malformed(f"section 3.1.3: truncated {what}")
+        raise Malformed(f"section {section}: truncated {what}")
     return raw, pos + 2 + n
 
 
