@@ -13,9 +13,10 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_origin, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from gateway.errors import ConfigError
+from gateway.models import PRIORITIES
 from gateway.topics import valid_filter
 
 __all__ = ["Config", "describe", "load"]
@@ -101,6 +102,25 @@ class PresenceSection:
 
 
 @dataclass(frozen=True)
+class CallsSection:
+    escalation_normal: list[int] = _help(
+        "Escalation of a normal call, seconds after it was made without acceptance: re-notify the same watches, "
+        "notify every watch and flag it, mark it overdue.",
+        [60, 180, 600],
+    )
+    escalation_urgent: list[int] = _help("Escalation tiers of an urgent call (as escalation_normal).", [30, 90, 300])
+    escalation_emergency: list[int] = _help(
+        "Escalation tiers of an emergency call (it already goes to every watch at once).", [15, 30, 120]
+    )
+    press_priority: list[str] = _help(
+        "press_type=priority pairs: the priority a kind of press asks for (the highest of the payload's, this "
+        "and the device's call_priority wins).",
+        ["long=urgent"],
+    )
+    check_ms: int = _help("Milliseconds between escalation checks.", 250)
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = _help("Log level: DEBUG, INFO, WARNING or ERROR.", "INFO")
     format: str = _help("Log format: 'text' for people, 'json' for journald.", "text")
@@ -113,6 +133,7 @@ class Config:
     http: HttpSection = field(default_factory=HttpSection)
     store: StoreSection = field(default_factory=StoreSection)
     presence: PresenceSection = field(default_factory=PresenceSection)
+    calls: CallsSection = field(default_factory=CallsSection)
     log: LogSection = field(default_factory=LogSection)
 
     @property
@@ -143,7 +164,7 @@ def _expected(tp: Any) -> str:
     if tp is int:
         return "an integer"
     if get_origin(tp) is list:
-        return "a list of strings"
+        return "a list of integers" if get_args(tp) == (int,) else "a list of strings"
     return "a string"
 
 
@@ -168,7 +189,15 @@ def _coerce(name: str, tp: Any, value: Any, from_env: bool) -> Any:
         raise bad
     if get_origin(tp) is list:
         if from_env and isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if get_args(tp) == (int,):
+            integers = isinstance(value, list) and all(
+                (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and re.fullmatch(r"-?\d+", v))
+                for v in value
+            )
+            if not integers:
+                raise bad
+            return [int(v) for v in value]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
         raise bad
@@ -230,8 +259,34 @@ def _validate(cfg: Config) -> None:
                     f"mqtt.{key}: {pattern!r} is not an MQTT topic filter ('#' only as a whole last "
                     "level, '+' only as a whole level)"
                 )
+    _validate_calls(cfg.calls)
     if not cfg.gateway.data_dir:
         raise ConfigError("gateway.data_dir: expected a directory path, got an empty string")
+
+
+def _validate_calls(calls: CallsSection) -> None:
+    for priority in PRIORITIES:
+        tiers = getattr(calls, f"escalation_{priority}")
+        if len(tiers) != 3 or tiers[0] <= 0 or not tiers[0] < tiers[1] < tiers[2]:
+            raise ConfigError(
+                f"calls.escalation_{priority}: expected three increasing positive numbers of seconds "
+                f"(re-notify, notify all, overdue), got {tiers}"
+            )
+    for pair in calls.press_priority:
+        press_type, _, priority = pair.partition("=")
+        if not press_type.strip() or priority.strip() not in PRIORITIES:
+            raise ConfigError(
+                f"calls.press_priority: expected press_type=priority with a priority of {', '.join(PRIORITIES)}, "
+                f"got {pair!r}"
+            )
+    if calls.check_ms <= 0:
+        raise ConfigError(f"calls.check_ms: expected a positive integer, got {calls.check_ms}")
+
+
+def press_priorities(calls: CallsSection) -> dict[str, str]:
+    """The press_priority pairs as a mapping (validated at load)."""
+    pairs = (pair.partition("=") for pair in calls.press_priority)
+    return {press_type.strip(): priority.strip() for press_type, _, priority in pairs}
 
 
 def load(

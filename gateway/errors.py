@@ -5,7 +5,8 @@ BosunError
   StoreError         the database refused a write or is not what we expect
   RegistryError      a device, user, token or integration request is invalid
     NotFound         the named thing does not exist
-    Conflict         it already exists
+    Conflict         it already exists, or its state forbids the change
+    Forbidden        the caller's role may not do this to this record
   TopicError         a topic does not follow the device protocol (has a counted `reason`)
   PayloadError       a payload cannot be decoded (has a counted `reason`)
 """
@@ -14,6 +15,7 @@ __all__ = [
     "BosunError",
     "ConfigError",
     "Conflict",
+    "Forbidden",
     "NotFound",
     "PayloadError",
     "RegistryError",
@@ -44,6 +46,10 @@ class NotFound(RegistryError):
 
 class Conflict(RegistryError):
     """The record already exists."""
+
+
+class Forbidden(RegistryError):
+    """The caller's role may not do this to this particular record (an emergency call, say)."""
 
 
 class TopicError(BosunError):

@@ -14,10 +14,11 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import codec, topics
 from gateway.accounts import Accounts
+from gateway.calls.flow import SEND
 from gateway.config import Config
 from gateway.errors import PayloadError, TopicError
 from gateway.hub import Hub
@@ -26,6 +27,9 @@ from gateway.presence import Presence
 from gateway.store.records import LANE_PRIORITY, outbox
 from gateway.store.writer import Writer
 
+if TYPE_CHECKING:
+    from gateway.calls.service import Calls
+
 __all__ = ["Ingest", "Message"]
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 _EARLIEST_DEVICE_TS = 1_577_836_800.0  # 2020-01-01: older device clocks are unset, use the receive time
 _ACK_STATUSES = {"received", "accepted", "declined", "done", "error"}
 _PRIORITIES = {"normal", "urgent", "emergency"}
+_CALL_KINDS = {SEND, "call"}  # outcome items the calls service publishes after the COMMIT
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,8 @@ class Message:
 
 
 class Ingest:
+    calls: Calls | None = None  # set by the runtime once the broker exists: presses open calls, acks answer them
+
     def __init__(
         self, cfg: Config, writer: Writer, accounts: Accounts, presence: Presence, hub: Hub, metrics: Metrics
     ) -> None:
@@ -155,9 +162,13 @@ class Ingest:
             log.error("ingest write failed: %s", exc)
             return
         self._latency.observe(time.time() - received_at)
-        for kind, data in future.result() or ():
-            self._presence.apply(kind, data)
-            self._hub.publish(kind, data)
+        outcome = future.result() or ()
+        for kind, data in outcome:
+            if kind not in _CALL_KINDS:
+                self._presence.apply(kind, data)
+                self._hub.publish(kind, data)
+        if self.calls is not None and len(outcome) > 1:
+            self.calls.dispatch([item for item in outcome if item[0] in _CALL_KINDS])
 
     def _count(self, action: str) -> None:
         counter = self._counters.get(action)
@@ -307,9 +318,12 @@ def _press(
     body.pop("device_id", None)  # the device id comes from the topic, never the payload (DESIGN)
     sequence = codec.to_number(body.get("sequence_id"))
     sequence_id = int(sequence) if sequence is not None else None
-    if body.get("priority") not in _PRIORITIES:
+    press_type = body["press_type"] = str(body.get("press_type") or "single")
+    tx = ingest.calls.tx(conn, now) if ingest.calls is not None else None
+    if tx is not None:
+        body["priority"] = tx.priority_for(device_id, body.get("priority"), press_type)
+    elif body.get("priority") not in _PRIORITIES:
         body["priority"] = "normal"
-    body.setdefault("press_type", "single")
     ts = _device_ts(body, now)
     cur = conn.execute(
         "INSERT OR IGNORE INTO events(device_id, type, ts, received_at, sequence_id, payload) "
@@ -332,7 +346,11 @@ def _press(
     }
     outbox(conn, LANE_PRIORITY, "event", event, device_id)
     ingest._metrics.stored.labels("events").inc()
-    return [("event.press", event)]
+    if tx is None:
+        return [("event.press", event)]
+    assert cur.lastrowid is not None
+    tx.press(device_id, t.site, t.room, body["priority"], press_type, cur.lastrowid)
+    return [("event.press", event), *tx.out]
 
 
 def _ack(
@@ -352,7 +370,12 @@ def _ack(
     if cur.rowcount == 0:
         ingest._metrics.drops.labels("unknown_command").inc()
         return []
-    return [("command.ack", {"command_id": command_id, "device_id": device_id, "status": status})]
+    acked = ("command.ack", {"command_id": command_id, "device_id": device_id, "status": status})
+    if ingest.calls is None:
+        return [acked]
+    tx = ingest.calls.tx(conn, now)
+    tx.answer(command_id, device_id, status)
+    return [acked, *tx.out]
 
 
 _ROUTES: dict[str, Route] = {

@@ -49,6 +49,14 @@ class Metrics:
         self.writer_queue = Gauge("bosun_writer_queue_depth", "Writes waiting for the writer", registry=r)
         self.ingest_queue = Gauge("bosun_ingest_queue_depth", "Messages waiting in session delivery queues", registry=r)
         self.devices_online = Gauge("bosun_devices_online", "Devices currently online", registry=r)
+        self.calls = Counter("bosun_calls", "Crew calls opened, by priority", ["priority"], registry=r)
+        self.call_escalations = Counter("bosun_call_escalations", "Escalation tiers reached by open calls", registry=r)
+        self.call_notify_latency = Histogram(
+            "bosun_call_notify_seconds",
+            "From reading a press to publishing its cmd/notify to the watches",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

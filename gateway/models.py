@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ROLES", "Device", "DeviceRow", "Principal", "Role", "User"]
+__all__ = ["PRIORITIES", "ROLES", "Device", "DeviceRow", "Principal", "Role", "User"]
 
 Role = Literal["admin", "installer", "crew"]
 ROLES: tuple[Role, ...] = ("admin", "installer", "crew")
+PRIORITIES = ("normal", "urgent", "emergency")  # crew calls, lowest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +65,4 @@ class DeviceRow:
     status: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+    call_priority: str | None = None  # the priority this device's presses get at least (crew calls)

@@ -1,6 +1,6 @@
 """The gateway's lifecycle: components start in a fixed order on one AsyncExitStack and stop in reverse.
 
-Order: store (writer, reader) -> registry cache -> presence, retention -> ingest + broker -> API.
+Order: store (writer, reader) -> registry cache -> presence, retention -> ingest + broker -> calls -> API.
 Stopping closes the listeners first, ingests what sessions still hold, and lets the writer commit
 everything queued before the process exits.
 """
@@ -21,6 +21,7 @@ from gateway import __version__
 from gateway.accounts import Accounts
 from gateway.broker.security import Gatekeeper
 from gateway.broker.server import GatewayBroker, broker_config
+from gateway.calls.service import Calls
 from gateway.commands import Commands
 from gateway.config import Config
 from gateway.hub import Hub
@@ -69,6 +70,9 @@ class Gateway:
         self.retention = Retention(cfg.store, self.writer, self.metrics)
         self.ingest = Ingest(cfg, self.writer, self.accounts, self.presence, self.hub, self.metrics)
         self.gate = Gatekeeper(cfg.mqtt, self.accounts, self.metrics)
+        self.calls = Calls(
+            cfg.calls, cfg.mqtt.root, self.writer, self.reader, self.hub, self.metrics, self.presence.is_online
+        )
         self.broker: GatewayBroker | None = None
         self.commands: Commands | None = None
         self.web: WebServer | None = None
@@ -116,8 +120,13 @@ class Gateway:
         self.broker = GatewayBroker(
             broker_config(self.cfg.mqtt), self.gate, self.ingest, self.metrics, self.cfg.mqtt, self.writer
         )
+        self.calls.attach(self.broker)
+        self.ingest.calls = self.calls  # before the first PUBLISH: every press opens or joins a call
         await self.broker.start()
         stack.push_async_callback(self._stopped, "broker", self._stop_broker)
+        await self.calls.start()
+        stack.push_async_callback(self._stopped, "calls", self.calls.stop)
+        self.state["calls"] = "ok"
         self.accounts.on_change(self._enforce_registry)
         self.commands = Commands(self.cfg.mqtt.root, self.writer, self.broker)
         self.state["broker"] = "ok"

@@ -145,7 +145,7 @@ async def test_health_metrics_and_offline_schema(gateway: Running) -> None:
     async with gateway.http() as http:
         health = (await http.get("/healthz")).json()
         assert health["status"] == "ok"
-        assert set(health["components"]) == {"store", "broker", "ingest", "api"}
+        assert set(health["components"]) == {"store", "broker", "ingest", "calls", "api"}
         metrics = await http.get("/metrics")
         assert metrics.status_code == 200
         for name in (

@@ -56,6 +56,11 @@ def value(cfg: config.Config, dotted: str) -> Any:
         ("presence.check_s", 5),
         ("log.level", "INFO"),
         ("log.format", "text"),
+        ("calls.escalation_normal", [60, 180, 600]),
+        ("calls.escalation_urgent", [30, 90, 300]),
+        ("calls.escalation_emergency", [15, 30, 120]),
+        ("calls.press_priority", ["long=urgent"]),
+        ("calls.check_ms", 250),
     ],
 )
 def test_defaults(dotted: str, expected: Any) -> None:
@@ -179,6 +184,13 @@ def test_empty_toml_file_gives_defaults(tmp_path: Path) -> None:
         ),
         ({"BOSUN_MQTT_ANONYMOUS_DENY": "bosun/#"}, "mqtt.anonymous_deny", ["bosun/#"]),
         ({"BOSUN_MQTT_ANONYMOUS_DENY": ""}, "mqtt.anonymous_deny", []),
+        # lists of integers: escalation tiers
+        ({"BOSUN_CALLS_ESCALATION_NORMAL": "1, 2,3"}, "calls.escalation_normal", [1, 2, 3]),
+        (
+            {"BOSUN_CALLS_PRESS_PRIORITY": "long=emergency,double=urgent"},
+            "calls.press_priority",
+            ["long=emergency", "double=urgent"],
+        ),
     ],
     ids=lambda v: str(v)[:60],
 )
@@ -319,6 +331,15 @@ def test_override_none_keeps_environment() -> None:
         ],
         (None, {}, {"presence.timeout_s": -5}, ["presence.timeout_s", "a positive integer", "-5"]),
         (None, {}, {"store.traffic_payload_bytes": -1}, ["store.traffic_payload_bytes", "0 or more"]),
+        # crew calls: tiers are three increasing seconds, press_priority pairs name a real priority
+        ("[calls]\nescalation_normal = [60, 'x', 600]", {}, {}, ["calls.escalation_normal", "a list of integers"]),
+        ("[calls]\nescalation_normal = [60, 180]", {}, {}, ["calls.escalation_normal", "three increasing"]),
+        (None, {"BOSUN_CALLS_ESCALATION_URGENT": "30,20,40"}, {}, ["calls.escalation_urgent", "increasing"]),
+        (None, {"BOSUN_CALLS_ESCALATION_URGENT": "1.5,2,3"}, {}, ["BOSUN_CALLS_ESCALATION_URGENT", "integers"]),
+        (None, {}, {"calls.escalation_emergency": [0, 1, 2]}, ["calls.escalation_emergency", "positive"]),
+        ("[calls]\npress_priority = ['long=high']", {}, {}, ["calls.press_priority", "normal, urgent, emergency"]),
+        ("[calls]\npress_priority = ['long']", {}, {}, ["calls.press_priority", "'long'"]),
+        (None, {}, {"calls.check_ms": 0}, ["calls.check_ms", "a positive integer"]),
     ],
     ids=lambda v: str(v)[:60],
 )
@@ -393,7 +414,7 @@ def test_describe_lists_every_key_once_with_its_default_and_help() -> None:
         for section in dataclasses.fields(cfg)
         for f in dataclasses.fields(getattr(cfg, section.name))
     ]
-    assert len(every) == 32
+    assert len(every) == 37
     assert [dotted for _, dotted, _, _ in rows] == every
     for env_name, dotted, default, help_text in rows:
         section, key = dotted.split(".")
@@ -413,6 +434,10 @@ def test_every_described_environment_name_is_read_by_load(row: tuple[str, str, A
         raw, expected = ("false", False) if default else ("true", True)
     elif isinstance(default, int):
         raw, expected = str(default + 1), default + 1
+    elif isinstance(default, list) and default and isinstance(default[0], int):
+        raw, expected = "1,2,3", [1, 2, 3]
+    elif dotted == "calls.press_priority":
+        raw, expected = "double=emergency", ["double=emergency"]
     elif isinstance(default, list):
         raw, expected = "x/#,y", ["x/#", "y"]
     else:

@@ -12,6 +12,7 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from gateway import __version__
 from webui.auth import guard
 from webui.errors import handlers
+from webui.routes.calls import CallController, RoomController, get_duty, put_duty
 from webui.routes.data import list_events, list_traffic
 from webui.routes.devices import DeviceController, read_command
 from webui.routes.live import live
@@ -22,7 +23,19 @@ __all__ = ["create_app"]
 
 def create_app(gateway: Any) -> Litestar:
     return Litestar(
-        route_handlers=[healthz, metrics, DeviceController, read_command, list_events, list_traffic, live],
+        route_handlers=[
+            healthz,
+            metrics,
+            DeviceController,
+            read_command,
+            list_events,
+            list_traffic,
+            live,
+            CallController,
+            RoomController,
+            get_duty,
+            put_duty,
+        ],
         guards=[guard],
         exception_handlers=handlers,
         state=State({"gateway": gateway}),

@@ -8,7 +8,7 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
-from gateway.errors import Conflict, NotFound, RegistryError, StoreError
+from gateway.errors import Conflict, Forbidden, NotFound, RegistryError, StoreError
 
 __all__ = ["handlers"]
 
@@ -25,7 +25,8 @@ def _http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, A
 
 
 def _registry(_: Request[Any, Any, Any], exc: RegistryError) -> Response[dict[str, Any]]:
-    status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
+    statuses = ((NotFound, 404), (Conflict, 409), (Forbidden, 403))
+    status = next((code for kind, code in statuses if isinstance(exc, kind)), 400)
     return _json(status, str(exc))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from gateway import passwords
 from gateway.errors import Conflict, NotFound, RegistryError
-from gateway.models import ROLES, Device, DeviceRow, Principal, User
+from gateway.models import PRIORITIES, ROLES, Device, DeviceRow, Principal, User
 from gateway.store.records import LANE_STATE, audit, outbox
 from gateway.topics import valid_filter, valid_segment
 
@@ -81,6 +81,7 @@ def device_row(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRow:
         status_json,
         created_at,
         updated_at,
+        call_priority,
     ) = tuple(row)
     return DeviceRow(
         device_id=device_id,
@@ -98,12 +99,13 @@ def device_row(row: sqlite3.Row | tuple[Any, ...]) -> DeviceRow:
         status=json.loads(status_json) if status_json else {},
         created_at=created_at,
         updated_at=updated_at,
+        call_priority=call_priority,
     )
 
 
 DEVICE_COLUMNS = (
     "device_id, site, room, type, name, disabled, online, online_changed_at, last_seen, battery, signal, "
-    "firmware, status_json, created_at, updated_at"
+    "firmware, status_json, created_at, updated_at, call_priority"
 )
 
 
@@ -251,7 +253,7 @@ def list_devices(
 def update_device(conn: sqlite3.Connection, device_id: str, changes: dict[str, Any], actor: str) -> DeviceRow:
     """Rename, move (site/room/type) or disable a device."""
     current = get_device(conn, device_id)
-    allowed = {"site", "room", "type", "name", "disabled"}
+    allowed = {"site", "room", "type", "name", "disabled", "call_priority"}
     unknown = set(changes) - allowed
     if unknown:
         raise RegistryError(f"cannot change {', '.join(sorted(unknown))} (changeable: {', '.join(sorted(allowed))})")
@@ -264,6 +266,8 @@ def update_device(conn: sqlite3.Connection, device_id: str, changes: dict[str, A
     _check_device(merged)
     if "name" in changes and changes["name"] is not None and not isinstance(changes["name"], str):
         raise RegistryError("name must be a string")
+    if changes.get("call_priority") not in (None, *PRIORITIES):
+        raise RegistryError(f"call_priority must be one of {', '.join(PRIORITIES)} or null")
     sets = ", ".join(f"{k} = ?" for k in changes)
     values = [int(v) if k == "disabled" else v for k, v in changes.items()]
     conn.execute(f"UPDATE devices SET {sets}, updated_at = ? WHERE device_id = ?", (*values, time.time(), device_id))

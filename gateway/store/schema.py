@@ -172,6 +172,74 @@ MIGRATIONS.append(
     """
 )
 
+MIGRATIONS.append(
+    """
+    -- crew calls (DESIGN: domain): a guest's press opens a call; watches are notified, escalate, accept, complete
+    ALTER TABLE devices ADD COLUMN call_priority TEXT;
+    CREATE TABLE rooms (
+        site TEXT NOT NULL,
+        room TEXT NOT NULL,
+        name TEXT,
+        zone TEXT,
+        dnd INTEGER NOT NULL DEFAULT 0,
+        dnd_changed_at REAL,
+        dnd_changed_by TEXT,
+        PRIMARY KEY (site, room)
+    );
+    -- watch -> zone labels (JSON list): "*", a zone, a room or a site
+    CREATE TABLE duty (watch_id TEXT PRIMARY KEY, zones TEXT NOT NULL);
+    CREATE TABLE calls (
+        id INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        site TEXT NOT NULL,
+        room TEXT NOT NULL,
+        priority TEXT NOT NULL CHECK (priority IN ('normal', 'urgent', 'emergency')),
+        press_type TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('open', 'accepted', 'completed', 'cancelled')),
+        created_at REAL NOT NULL,
+        presses INTEGER NOT NULL DEFAULT 1,
+        last_press_at REAL NOT NULL,
+        dnd INTEGER NOT NULL DEFAULT 0,
+        escalation INTEGER NOT NULL DEFAULT 0,
+        escalated_at REAL,
+        accepted_at REAL,
+        accepted_by TEXT,
+        completed_at REAL,
+        completed_by TEXT,
+        cancelled_at REAL,
+        cancelled_by TEXT,
+        cancel_reason TEXT
+    );
+    CREATE INDEX calls_state ON calls(state, created_at);
+    CREATE INDEX calls_room ON calls(site, room, state);
+    CREATE INDEX calls_created ON calls(created_at);
+    CREATE TABLE call_timeline (
+        id INTEGER PRIMARY KEY,
+        call_id INTEGER NOT NULL REFERENCES calls(id),
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        actor TEXT,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX call_timeline_call ON call_timeline(call_id, id);
+    -- every cmd/notify sent for a call (also a row in commands): to a watch or to the button that called
+    CREATE TABLE call_notifies (
+        command_id TEXT PRIMARY KEY,
+        call_id INTEGER NOT NULL REFERENCES calls(id),
+        device_id TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('watch', 'button')),
+        state TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        sent_at REAL,
+        status TEXT,
+        received_at REAL,
+        answered_at REAL
+    );
+    CREATE INDEX call_notifies_call ON call_notifies(call_id, device_id);
+    CREATE INDEX call_notifies_unsent ON call_notifies(sent_at) WHERE sent_at IS NULL;
+    """
+)
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

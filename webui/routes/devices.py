@@ -34,6 +34,7 @@ class DeviceChange(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     type: str | msgspec.UnsetType = msgspec.UNSET
     name: str | msgspec.UnsetType | None = msgspec.UNSET
     disabled: bool | msgspec.UnsetType = msgspec.UNSET
+    call_priority: str | msgspec.UnsetType | None = msgspec.UNSET  # the least priority of its presses
 
 
 class CommandIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -82,7 +83,7 @@ class DeviceController(Controller):
         changes = msgspec.structs.asdict(data)
         changes = {k: v for k, v in changes.items() if v is not msgspec.UNSET}
         if not changes:
-            raise RegistryError("nothing to change: give site, room, type, name or disabled")
+            raise RegistryError("nothing to change: give site, room, type, name, disabled or call_priority")
         actor = request.state.user.username
         row = await gw.writer.run(lambda c: registry.update_device(c, device_id, changes, actor))
         await gw.accounts.refresh()  # a disabled or moved device is disconnected now
