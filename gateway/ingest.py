@@ -349,7 +349,11 @@ def _press(
     if tx is None:
         return [("event.press", event)]
     assert cur.lastrowid is not None
-    tx.press(device_id, t.site, t.room, body["priority"], press_type, cur.lastrowid)
+    event_id = cur.lastrowid
+    if not tx.guarded(
+        f"press {event_id}", lambda: tx.press(device_id, t.site, t.room, body["priority"], press_type, event_id)
+    ):
+        ingest._metrics.call_errors.inc()
     return [("event.press", event), *tx.out]
 
 
@@ -374,7 +378,8 @@ def _ack(
     if ingest.calls is None:
         return [acked]
     tx = ingest.calls.tx(conn, now)
-    tx.answer(command_id, device_id, status)
+    if not tx.guarded(f"ack {command_id}", lambda: tx.answer(command_id, device_id, status)):
+        ingest._metrics.call_errors.inc()
     return [acked, *tx.out]
 
 

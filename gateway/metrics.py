@@ -50,6 +50,11 @@ class Metrics:
         self.ingest_queue = Gauge("bosun_ingest_queue_depth", "Messages waiting in session delivery queues", registry=r)
         self.devices_online = Gauge("bosun_devices_online", "Devices currently online", registry=r)
         self.calls = Counter("bosun_calls", "Crew calls opened, by priority", ["priority"], registry=r)
+        self.call_errors = Counter(
+            "bosun_call_errors",
+            "Call transitions that failed (the press or ack that caused them is stored)",
+            registry=r,
+        )
         self.call_escalations = Counter("bosun_call_escalations", "Escalation tiers reached by open calls", registry=r)
         self.call_notify_latency = Histogram(
             "bosun_call_notify_seconds",

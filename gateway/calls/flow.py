@@ -9,6 +9,7 @@ Nothing is published before its rows are committed, so a crash never announces a
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import uuid
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from gateway.store.records import LANE_PRIORITY, audit, outbox
 from gateway.topics import command_topic
 
 __all__ = ["SEND", "Policy", "Tx"]
+
+log = logging.getLogger(__name__)
 
 SEND = "call.send"  # outcome items of this kind are published, not put on the live bus
 _TIER_ACTIONS = {1: "renotified", 2: "notified all", 3: "overdue"}
@@ -132,14 +135,31 @@ class Tx:
         told = set(self._notified(call.id))
         for watch in watches:
             self._notify(call, watch, "watch", "escalated" if watch in told else "new", pressed_at)
-        if watches:
-            self._timeline(call.id, "notified", "system", {"watches": watches})
+        self._timeline(
+            call.id, "notified", "system", {"watches": watches} if watches else {"note": "no watch registered"}
+        )
 
     def _tell_all_notified(self, call: Call, state: str, except_: str | None = None) -> None:
         for watch in self._notified(call.id):
             if watch != except_:
                 self._notify(call, watch, "watch", state)
         self._notify(call, call.device_id, "button", state)
+
+    def guarded(self, what: str, fn: Callable[[], None]) -> bool:
+        """Run a transition in a savepoint: if it fails, the record that caused it (the press, the ack) is
+        still committed; the failure is logged and counted, and the call is left as it was."""
+        self.conn.execute("SAVEPOINT call_transition")
+        mark = len(self.out)
+        try:
+            fn()
+        except Exception:
+            self.conn.execute("ROLLBACK TO call_transition")
+            del self.out[mark:]
+            log.exception("call transition failed: %s", what)
+            return False
+        finally:
+            self.conn.execute("RELEASE call_transition")
+        return True
 
     # ---- transitions
 
