@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import msgpack
-
 from conftest import Running, topic
 
 
