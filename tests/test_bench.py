@@ -87,7 +87,7 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
         assert relay["qos1"]["acked"] == relay["qos1"]["messages"], broker
 
     targets = results["targets"]
-    assert len(targets) == 7
+    assert len(targets) == 8
     assert all(t["verdict"] in ("pass", "fail", "n/a") for t in targets)
     assert all(not t["comparable"] for t in targets if t["verdict"] != "n/a"), "quick runs are never at target scale"
     if not have_mosquitto:

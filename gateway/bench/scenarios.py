@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from gateway.bench import mqtt, stats
+from gateway.bench.calls import CallProbe
 from gateway.bench.loadgen import Client, Connection, Counters, Fleet, Pacer, connect_many, open_connection
 from gateway.bench.probes import (
     COMMIT_HISTOGRAM,
@@ -75,6 +76,7 @@ class DurableSession:
         self.fleet = Fleet()
         self.probe: Connection | None = None
         self.live = LiveListener(http, seeded.probe.device_id)
+        self.calls = CallProbe(seeded.watch, seeded.caller, root)
         self.rows = RowCounter(seeded.data_dir / "bosun.db", "measurements")
         self.sequence = int(time.time()) * 1000
         self.rss_connected = 0
@@ -111,6 +113,7 @@ class DurableSession:
             await self.live.start()
         except (OSError, RuntimeError, TimeoutError, PermissionError) as exc:
             self.live.error = f"{type(exc).__name__}: {exc}"
+        await self.calls.open(HOST, self.gateway.mqtt_port)
         await asyncio.sleep(0.5)  # let the connect storm's presence writes settle
         self.rss_connected = self.gateway.rss_bytes()
         return {
@@ -137,6 +140,7 @@ class DurableSession:
         rss_peak = self.gateway.rss_bytes()
         sender = asyncio.create_task(pacer.run(plan.rate, end), name="bench-pacer")
         prober = asyncio.create_task(self._probe(plan.probe_rate, warm_end, end), name="bench-probe")
+        caller = asyncio.create_task(self.calls.run(warm_end, end), name="bench-calls")
         monitor = LagMonitor()
         lag: dict[str, Any] = {}
         try:
@@ -166,7 +170,8 @@ class DurableSession:
             await monitor.stop()
             sender.cancel()
             prober.cancel()
-            await asyncio.gather(sender, prober, return_exceptions=True)
+            caller.cancel()
+            await asyncio.gather(sender, prober, caller, return_exceptions=True)
         unacked = await self._drain(plan.drain, report)
         return self._figures(plan, before, after, timeline, rss_peak, unacked, lag)
 
@@ -262,6 +267,7 @@ class DurableSession:
             "puback_ms": puback,
             "commit_ms": histogram_delta(before["commit"], after["commit"]),
             "live_ms": {**live, "sent": live_sent, "lost": live_sent - live["count"], "error": self.live.error},
+            "notify_ms": self.calls.figures(self.window),
             "cpu_percent": round(100 * (after["cpu"] - before["cpu"]) / span, 1),
             "client_cpu_percent": round(100 * (after["client_cpu"] - before["client_cpu"]) / span, 1),
             "client_loop_lag_ms": lag,
@@ -276,6 +282,7 @@ class DurableSession:
 
     async def close(self) -> None:
         await self.live.stop()
+        self.calls.close()
         if self.probe is not None:
             self.probe.close()
         await self.fleet.close()

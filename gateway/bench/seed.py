@@ -1,4 +1,5 @@
-"""A fresh data directory for one gateway run: N sensor devices, one probe button, a crew API token.
+"""A fresh data directory for one gateway run: N sensor devices, one probe button, a crew API token, and a
+watch plus a guest button for the press-to-watch-notify probe.
 
 Written with the registry functions the CLI uses, in one transaction, before the gateway starts.
 """
@@ -18,6 +19,8 @@ __all__ = ["Device", "Seeded", "mqtt_root", "seed"]
 
 SITE = "bench"
 PROBE_ID = "bench-probe"
+WATCH_ID = "bench-watch"
+CALLER_ID = "bench-caller"
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ class Seeded:
     token: str
     devices: list[Device]
     probe: Device
+    watch: Device
+    caller: Device
 
 
 def mqtt_root() -> str:
@@ -59,7 +64,11 @@ def seed(data_dir: Path, count: int) -> Seeded:
             devices.append(Device(row.device_id, row.room, row.type, password))
         row, password = registry.add_device(conn, registry.NewDevice(PROBE_ID, SITE, "bridge", "button"), "bench")
         probe = Device(row.device_id, row.room, row.type, password)
+        extra = []
+        for device_id, room, type_ in ((WATCH_ID, "crew", "watch"), (CALLER_ID, "suite", "button")):
+            row, password = registry.add_device(conn, registry.NewDevice(device_id, SITE, room, type_), "bench")
+            extra.append(Device(row.device_id, row.room, row.type, password))
         conn.execute("COMMIT")
     finally:
         conn.close()
-    return Seeded(data_dir, token, devices, probe)
+    return Seeded(data_dir, token, devices, probe, *extra)
