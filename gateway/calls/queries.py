@@ -87,7 +87,8 @@ def _spread(values: list[float]) -> dict[str, Any]:
 
 
 def call_stats(conn: sqlite3.Connection, since: float) -> dict[str, Any]:
-    """Counts by priority and state, time to accept and to complete (from creation), escalated and missed."""
+    """Counts by priority and state, time to accept and to complete (from creation), calls escalated and
+    escalation steps taken, and missed calls (overdue before anyone accepted)."""
     rows = conn.execute(
         "SELECT priority, state, created_at, accepted_at, completed_at, escalation FROM calls WHERE created_at >= ?",
         (since,),
@@ -111,5 +112,10 @@ def call_stats(conn: sqlite3.Connection, since: float) -> dict[str, Any]:
         "accept_s": _spread(accept),
         "complete_s": _spread(complete),
         "escalated": sum(1 for r in rows if r[5] >= 1),
+        "escalations": conn.execute(
+            "SELECT count(*) FROM call_timeline t JOIN calls c ON c.id = t.call_id "
+            "WHERE t.kind = 'escalated' AND c.created_at >= ?",
+            (since,),
+        ).fetchone()[0],
         "missed": sum(1 for r in rows if r[5] >= 3),
     }
