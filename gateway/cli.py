@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -373,6 +374,15 @@ def config_show(config_path: str | None, data_dir: str | None) -> None:
         click.echo(f"{dotted} = {getattr(getattr(cfg, section), key)!r}    [{env}] {help_text}")
 
 
+def _delay_range(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:
+    from gateway.simulate import parse_range
+
+    try:
+        return parse_range(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @main.command()
 @_common
 @click.option("--devices", "count", type=int, default=20, show_default=True, help="Simulated devices.")
@@ -382,6 +392,47 @@ def config_show(config_path: str | None, data_dir: str | None) -> None:
 @click.option("--mqtt-port", type=int, help="Gateway MQTT port (default: from the config).")
 @click.option("--http-port", type=int, help="Gateway HTTP port for its figures (default: from the config).")
 @click.option("--site", default="sim", show_default=True)
+@click.option(
+    "--press-share",
+    type=click.FloatRange(0, 1),
+    default=0.05,
+    show_default=True,
+    help="Share of a button's messages that are guest presses.",
+)
+@click.option(
+    "--accept-delay",
+    default="2-10",
+    show_default=True,
+    callback=_delay_range,
+    help="Seconds (LOW-HIGH, uniform) a watch takes to accept or decline a call.",
+)
+@click.option(
+    "--done-delay",
+    default="3-10",
+    show_default=True,
+    callback=_delay_range,
+    help="Seconds (LOW-HIGH) from a watch's confirmed accept to completing the call.",
+)
+@click.option(
+    "--decline",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Chance that a watch's answer is a decline.",
+)
+@click.option(
+    "--ignore",
+    type=click.FloatRange(0, 1),
+    default=0.1,
+    show_default=True,
+    help="Chance that a watch never answers a call.",
+)
+@click.option(
+    "--api-token",
+    help="API token for the gateway's call stats; without it one is minted in the data directory's database "
+    "(for its first crew, installer or admin user) and revoked at the end.",
+)
+@click.option("--seed", type=int, help="Seed the random choices (presses, delays, answers).")
 def simulate(
     config_path: str | None,
     data_dir: str | None,
@@ -392,11 +443,28 @@ def simulate(
     mqtt_port: int | None,
     http_port: int | None,
     site: str,
+    press_share: float,
+    accept_delay: tuple[float, float],
+    done_delay: tuple[float, float],
+    decline: float,
+    ignore: float,
+    api_token: str | None,
+    seed: int | None,
 ) -> None:
-    """Run N real MQTT devices (buttons, watches, sensors, repeaters) against a running gateway."""
-    from gateway.simulate import Plan, run_simulation
+    """Run N real MQTT devices (buttons, watches, sensors, repeaters) against a running gateway.
+
+    Guests press buttons; watches answer the calls like crew (received at once, then accept, decline or
+    never answer; accepted calls are completed later). The report shows the call loop end to end.
+    """
+    import random
+
+    from gateway.simulate import Crew, Plan, run_simulation
 
     cfg = _load(config_path, data_dir=data_dir, mqtt_port=mqtt_port, http_port=http_port)
+    if seed is not None:
+        random.seed(seed)
+    # amqtt logs every refused or dropped connection; the report counts them as device errors
+    logging.getLogger("amqtt").setLevel(logging.CRITICAL)
     plan = Plan(
         count=count,
         rate=rate,
@@ -406,12 +474,46 @@ def simulate(
         http_port=cfg.http.port,
         site=site,
         root=cfg.mqtt.root,
+        crew=Crew(accept_delay=accept_delay, done_delay=done_delay, decline=decline, ignore=ignore),
+        press_share=press_share,
+        api_token=api_token,
     )
-    credentials = _db(cfg, lambda c: _sim_devices(c, plan))
+
+    def prepare(conn: sqlite3.Connection) -> tuple[list[tuple[DeviceRow, str]], str | None]:
+        return _sim_devices(conn, plan), None if api_token else _sim_token(conn)
+
+    credentials, minted = _db(cfg, prepare)
+    if minted is not None:
+        plan = dataclasses.replace(plan, api_token=minted)
     try:
         asyncio.run(run_simulation(plan, credentials))
     except OSError as exc:
         raise click.ClickException(f"cannot reach the gateway at {host}:{cfg.mqtt.port}: {exc}") from None
+    finally:
+        if minted is not None:
+            _db(cfg, lambda c: _revoke_sim_token(c, minted))
+
+
+def _sim_token(conn: sqlite3.Connection) -> str | None:
+    """A token for the call stats, for the least privileged enabled user (stats are open to every role)."""
+    row = conn.execute(
+        "SELECT username FROM users WHERE disabled = 0 "
+        "ORDER BY CASE role WHEN 'crew' THEN 0 WHEN 'installer' THEN 1 ELSE 2 END, created_at LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return None
+    return registry.create_token(conn, row[0], "bosun simulate (revoked when it ends)", actor="simulate")
+
+
+def _revoke_sim_token(conn: sqlite3.Connection, token: str) -> None:
+    from gateway import passwords
+    from gateway.store.records import audit
+
+    found = conn.execute(
+        "UPDATE api_tokens SET revoked = 1 WHERE token_hash = ? RETURNING username", (passwords.token_hash(token),)
+    ).fetchone()
+    if found is not None:
+        audit(conn, "simulate", "token.revoke", found[0], {"label": "bosun simulate"})
 
 
 def _sim_devices(conn: sqlite3.Connection, plan: Any) -> list[tuple[DeviceRow, str]]:
