@@ -589,5 +589,7 @@ def _stats_figures(stats: dict[str, Any] | str) -> dict[str, Any]:
         "gateway calls by priority": spread("by_priority"),
         "gateway accept s, p50 / p90": pair("accept_s"),
         "gateway complete s, p50 / p90": pair("complete_s"),
-        "gateway calls escalated / missed": f"{stats.get('escalated')} / {stats.get('missed')}",
+        "gateway escalated calls / steps / missed": " / ".join(
+            str(stats.get(key, "-")) for key in ("escalated", "escalations", "missed")
+        ),
     }
