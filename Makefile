@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-DEBS := mosquitto mosquitto-clients
+DEBS := mosquitto mosquitto-clients chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test bench check lint types fmt clean deps venv
@@ -20,9 +20,10 @@ $(BIN)/python:
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-# Debian packages the tests use: mosquitto_pub/sub as real clients, mosquitto for the benchmark baseline
+# Debian packages the tests use: mosquitto_pub/sub as real clients, mosquitto for the benchmark baseline,
+# chromium for the web UI's browser tests (Playwright drives /usr/bin/chromium; it never downloads a browser)
 .stamp-debs:
-	@if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto >/dev/null; then \
+	@if ! command -v mosquitto_pub >/dev/null || ! command -v mosquitto >/dev/null || ! test -x /usr/bin/chromium; then \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEBS); fi
 	@touch $@
 

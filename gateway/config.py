@@ -65,6 +65,7 @@ class MqttSection:
 class HttpSection:
     bind: str = _help("Address the HTTP server binds to.", "0.0.0.0")
     port: int = _help("HTTP port for the web UI and the JSON API (0 picks a free port).", 8080)
+    session_hours: int = _help("Hours a web UI sign-in lasts (a crew watch is 12 hours).", 12)
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ def _validate(cfg: Config) -> None:
         ("mqtt", "connect_timeout_s"),
         ("presence", "timeout_s"),
         ("presence", "check_s"),
+        ("http", "session_hours"),
         ("mqtt", "max_payload"),
     ]
     for section, key in positive:

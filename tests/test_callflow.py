@@ -127,3 +127,24 @@ async def test_duty_and_rooms_validate_and_are_audited(gateway: Running, paho_cl
         r[0] for r in gateway.rows("SELECT action FROM audit_log WHERE action LIKE 'duty%' OR action LIKE 'room%'")
     ]
     assert actions == ["duty.set", "room.dnd", "room.update"]
+
+
+async def test_done_only_from_the_watch_that_has_the_call(gateway: Running, paho_clients: Any) -> None:
+    w1 = await _watch(gateway, paho_clients, "w1")
+    w2 = await _watch(gateway, paho_clients, "w2")
+    button = await _button(gateway, paho_clients, "b1")
+    await asyncio.to_thread(button.publish, topic("b1", "press"), json.dumps({"sequence_id": 1}))
+    await _wait(lambda: _notifies(w1) and _notifies(w2))
+    first, second = _notifies(w1)[0], _notifies(w2)[0]
+    accept = {"command_id": first["command_id"], "status": "accepted"}
+    await asyncio.to_thread(w1.publish, topic("w1", "ack", room="crew", type_="watch"), json.dumps(accept))
+    await _wait(lambda: len(_notifies(w2)) == 2)  # taken
+    stray = {"command_id": second["command_id"], "status": "done"}
+    await asyncio.to_thread(w2.publish, topic("w2", "ack", room="crew", type_="watch"), json.dumps(stray))
+    await _wait(lambda: len(_notifies(w2)) == 3)
+    assert _notifies(w2)[2]["state"] == "taken"
+    assert gateway.rows("SELECT state, accepted_by FROM calls") == [("accepted", "device:w1")]
+    done = {"command_id": first["command_id"], "status": "done"}
+    await asyncio.to_thread(w1.publish, topic("w1", "ack", room="crew", type_="watch"), json.dumps(done))
+    rows = await gateway.wait_for("SELECT completed_by FROM calls WHERE state = 'completed'")
+    assert rows == [("device:w1",)]

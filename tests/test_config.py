@@ -44,6 +44,7 @@ def value(cfg: config.Config, dotted: str) -> Any:
         ("mqtt.anonymous_deny", []),
         ("http.bind", "0.0.0.0"),
         ("http.port", 8080),
+        ("http.session_hours", 12),
         ("store.flush_ms", 0),
         ("store.batch_rows", 500),
         ("store.queue_max", 20000),
@@ -414,7 +415,7 @@ def test_describe_lists_every_key_once_with_its_default_and_help() -> None:
         for section in dataclasses.fields(cfg)
         for f in dataclasses.fields(getattr(cfg, section.name))
     ]
-    assert len(every) == 37
+    assert len(every) == 38
     assert [dotted for _, dotted, _, _ in rows] == every
     for env_name, dotted, default, help_text in rows:
         section, key = dotted.split(".")

@@ -8,10 +8,14 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.static_files import create_static_files_router
 
 from gateway import __version__
 from webui.auth import guard
 from webui.errors import handlers
+from webui.limits import LoginLimiter
+from webui.pages import pages
+from webui.pages.base import HERE, template_config
 from webui.routes.calls import CallController, RoomController, get_duty, put_duty
 from webui.routes.data import list_events, list_traffic
 from webui.routes.devices import DeviceController, read_command
@@ -35,10 +39,14 @@ def create_app(gateway: Any) -> Litestar:
             RoomController,
             get_duty,
             put_duty,
+            pages(),
+            # the UI's own CSS, script and icon: nothing is fetched from outside the gateway
+            create_static_files_router("/static", [HERE / "static"], opt={"public": True}, include_in_schema=False),
         ],
+        template_config=template_config(),
         guards=[guard],
         exception_handlers=handlers,
-        state=State({"gateway": gateway}),
+        state=State({"gateway": gateway, "login_limiter": LoginLimiter()}),
         # offline appliance: the schema as JSON only, no UI whose assets come from a CDN
         openapi_config=OpenAPIConfig(
             title="Bosun gateway API",

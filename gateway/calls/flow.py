@@ -131,10 +131,13 @@ class Tx:
         payload = json.dumps({"command_id": command_id, **args}).encode()
         self.out.append((SEND, Send(command_id, topic, payload, pressed_at)))
 
-    def _notify_watches(self, call: Call, watches: list[str], pressed_at: float | None = None) -> None:
+    def _notify_watches(
+        self, call: Call, watches: list[str], pressed_at: float | None = None, state: str | None = None
+    ) -> None:
+        """`state` for everyone (escalation), else "new" for a watch not told yet and "escalated" for one told."""
         told = set(self._notified(call.id))
         for watch in watches:
-            self._notify(call, watch, "watch", "escalated" if watch in told else "new", pressed_at)
+            self._notify(call, watch, "watch", state or ("escalated" if watch in told else "new"), pressed_at)
         self._timeline(
             call.id, "notified", "system", {"watches": watches} if watches else {"note": "no watch registered"}
         )
@@ -196,12 +199,12 @@ class Tx:
             if call.state == "open" and (priority == "emergency" or not call.dnd):
                 self._notify_watches(call, self._watches() if priority == "emergency" else self._on_duty(call))
             return
-        dnd_row = self.conn.execute("SELECT dnd FROM rooms WHERE site = ? AND room = ?", (site, room)).fetchone()
-        dnd = bool(dnd_row and dnd_row[0])
+        place = self.conn.execute("SELECT dnd, zone FROM rooms WHERE site = ? AND room = ?", (site, room)).fetchone()
+        dnd, zone = (bool(place[0]), place[1]) if place else (False, None)
         cur = self.conn.execute(
-            "INSERT INTO calls(device_id, site, room, priority, press_type, state, created_at, last_press_at, dnd) "
-            "VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?)",
-            (device_id, site, room, priority, press_type, self.now, self.now, int(dnd)),
+            "INSERT INTO calls(device_id, site, room, zone, priority, press_type, state, created_at, last_press_at, "
+            "dnd) VALUES (?, ?, ?, ?, ?, ?, 'open', ?, ?, ?)",
+            (device_id, site, room, zone, priority, press_type, self.now, self.now, int(dnd)),
         )
         call_id = cur.lastrowid
         assert call_id is not None
@@ -261,9 +264,9 @@ class Tx:
         before = call.escalation
         call = self._changed(call_id, "escalated", "system", {"tier": tier, "action": _TIER_ACTIONS[tier]})
         if tier >= 2 > before:
-            self._notify_watches(call, self._watches())
+            self._notify_watches(call, self._watches(), state="escalated")
         elif tier == 1:
-            self._notify_watches(call, self._notified(call_id) or self._on_duty(call))
+            self._notify_watches(call, self._notified(call_id) or self._on_duty(call), state="escalated")
 
     def answer(self, command_id: str, device_id: str, status: str) -> None:
         """A device's ack of a call notify: a delivery receipt, or a watch accepting, declining or finishing."""
@@ -298,8 +301,15 @@ class Tx:
             self._changed(call_id, "declined", actor, {"command_id": command_id})
             if call.state == "open" and call.escalation < 2 and self._all_declined(call_id):
                 self.escalate(call_id, 2)
-        elif status == "done" and call.active:
-            self.complete(call_id, actor)
+        elif status == "done":
+            # only the watch that has the call finishes it; an open call is taken and finished in one go
+            if call.state == "open":
+                self.accept(call_id, actor, watch=device_id)
+                self.complete(call_id, actor)
+            elif call.state == "accepted" and call.accepted_by == actor:
+                self.complete(call_id, actor)
+            elif call.accepted_by != actor:
+                self._notify(call, device_id, "watch", "taken" if call.state == "accepted" else call.state)
 
     def _all_declined(self, call_id: int) -> bool:
         """Every watch told about the call has declined its latest notify."""

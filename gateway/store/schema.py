@@ -240,6 +240,23 @@ MIGRATIONS.append(
     """
 )
 
+MIGRATIONS.append(
+    """
+    -- a call keeps the zone its room had when it was made (stats by zone; rooms may be re-zoned later)
+    ALTER TABLE calls ADD COLUMN zone TEXT;
+    -- web UI sign-ins: the cookie carries a random token, only its hash is stored; csrf is the form token
+    CREATE TABLE web_sessions (
+        token_hash TEXT PRIMARY KEY,
+        username TEXT NOT NULL REFERENCES users(username) ON DELETE CASCADE,
+        csrf TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        address TEXT
+    );
+    CREATE INDEX web_sessions_user ON web_sessions(username);
+    """
+)
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

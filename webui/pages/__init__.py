@@ -1,0 +1,30 @@
+"""The crew web UI: server-rendered pages (Jinja) over the same data as the JSON API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Router
+
+from webui.pages.calls import call_action, call_page, calls_history, calls_page
+from webui.pages.login import account, change_password, login_form, login_submit, logout, root
+
+__all__ = ["PAGES", "pages"]
+
+PAGES: list[Any] = [
+    root,
+    login_form,
+    login_submit,
+    logout,
+    account,
+    change_password,
+    calls_page,
+    calls_history,
+    call_page,
+    call_action,
+]
+
+
+def pages() -> Router:
+    """Every page, kept out of the OpenAPI document (it describes the JSON API)."""
+    return Router(path="/", route_handlers=PAGES, include_in_schema=False)
