@@ -34,9 +34,12 @@ def _board(conn: Any) -> list[dict[str, Any]]:
 @get("/calls", opt=PAGE())
 async def calls_page(request: Req) -> Template:
     gw = request.app.state.gateway
-    fragment = request.query_params.get("fragment") == "board"
+    fragment = request.query_params.get("fragment")
+    if fragment == "stats":  # the live script swaps these parts in when a call changes
+        stats = await gw.reader.call(lambda c: call_stats(c, _start_of_day()))
+        return render(request, "calls_stats.html", stats=stats)
     board = await gw.reader.call(_board)
-    if fragment:  # the live script swaps this part in when a call changes
+    if fragment == "board":
         return render(request, "calls_board.html", calls=board)
     stats = await gw.reader.call(lambda c: call_stats(c, _start_of_day()))
     return render(request, "calls.html", calls=board, stats=stats)

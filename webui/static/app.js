@@ -1,6 +1,6 @@
 // Bosun's one script: live updates over Server-Sent Events and in-place form posts.
 // Every page works without it; with it, regions marked data-live="kind,kind" refresh from data-refresh
-// when the live bus says something of that kind changed, forms post without leaving the page, ages tick,
+// when the live bus says something of that kind changed, their forms post without leaving the page, ages tick,
 // and a new call shows a banner and (once sound is enabled by a click: the browser's autoplay rule) beeps.
 
 const csrf = document.querySelector('meta[name="csrf"]')?.content || "";
@@ -96,7 +96,8 @@ function tick() {
 
 async function postInPlace(event) {
   const form = event.target;
-  if (!(form instanceof HTMLFormElement) || form.method.toLowerCase() !== "post" || "plain" in form.dataset) return;
+  // only forms inside a live region post in place (the board's buttons); sign-in, sign-out and settings navigate
+  if (!(form instanceof HTMLFormElement) || form.method.toLowerCase() !== "post" || !form.closest("[data-live]")) return;
   event.preventDefault();
   const response = await fetch(form.action, {
     method: "POST",
