@@ -22,7 +22,7 @@ from gateway.calls.flow import SEND
 from gateway.config import Config
 from gateway.errors import PayloadError, TopicError
 from gateway.hub import Hub
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, observe_many
 from gateway.presence import Presence
 from gateway.store.records import LANE_PRIORITY, outbox
 from gateway.store.writer import Writer
@@ -71,7 +71,11 @@ class Ingest:
         self._refilled = time.monotonic()
         self._skipped = metrics.traffic_skipped
         self._counters: dict[str, Any] = {}
-        self._topics: dict[str, topics.DeviceTopic] = {}  # parsed device topics (each device uses a few)
+        # per device topic (each device uses a few): (parsed, action, its message counter, the device check's error
+        # or None, the registry it was checked against); worked out again when the registry is reloaded
+        self._topics: dict[str, tuple[topics.DeviceTopic, str, Any, str | None, object]] = {}
+        # counter increments of this loop turn, applied once at its end (prometheus takes a lock per inc)
+        self._tallies: dict[Any, float] = {}
         self._stored_measurements = metrics.stored.labels("measurements")
         self._tracked: asyncio.Future[Any] | None = None
         self._times: list[float] = []
@@ -120,7 +124,7 @@ class Ingest:
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
-        self._skipped.inc()
+        self._tally(self._skipped)
         return False
 
     def _traffic_row(self, msg: Message, error: str | None) -> tuple[Any, ...]:
@@ -149,9 +153,7 @@ class Ingest:
         if future.cancelled() or future.exception() is not None:
             return
         now = time.time()
-        observe = self._latency.observe
-        for received_at in times:
-            observe(now - received_at)
+        observe_many(self._latency, [now - received_at for received_at in times])
 
     def _after_commit(self, future: asyncio.Future[Any], received_at: float) -> None:
         if future.cancelled():
@@ -177,45 +179,50 @@ class Ingest:
         counter.inc()
 
     def _plan(self, msg: Message) -> _Step:
-        """Classification on the loop: what to store for this message."""
-        if not msg.topic.startswith(self._prefix):
+        """Classification on the loop: what to store for this message.
+
+        What depends only on the topic (its parse, the action, whether its device exists in that namespace) is
+        worked out once per topic and again after the registry is reloaded.
+        """
+        topic = msg.topic
+        if not topic.startswith(self._prefix):
             self._count("other")
             return _Step(foreign=True)
-        action = "other"
-        error: str | None = None
-        parsed: topics.DeviceTopic | None = None
-        body: Any = None
         if len(msg.payload) > self._max_payload:
-            error = "oversized_payload"
-        else:
-            parsed = self._topics.get(msg.topic)
-            if parsed is None:
-                try:
-                    parsed = topics.parse(msg.topic, self._root)
-                except TopicError as exc:
-                    error = exc.reason
-                    action = "bad_topic"
-                else:
-                    if len(self._topics) >= 20_000:
-                        self._topics.clear()
-                    self._topics[msg.topic] = parsed
-            if parsed is not None:
-                action = parsed.action.split("/", 1)[0]
-        if parsed is not None and error is None:
+            self._count("other")
+            self._drop("oversized_payload", msg, f"{len(msg.payload)} bytes")
+            return _Step(error="oversized_payload")
+        registry = self._accounts.accounts
+        known = self._topics.get(topic)
+        if known is None or known[4] is not registry:
+            try:
+                parsed = known[0] if known is not None else topics.parse(topic, self._root)
+            except TopicError as exc:
+                self._count("bad_topic")
+                self._drop(exc.reason, msg, f"{len(msg.payload)} bytes")
+                return _Step(error=exc.reason)
             device = self._accounts.device(parsed.device_id)
+            check = None
             if device is None:
-                error = "unknown_device"
+                check = "unknown_device"
             elif (device.site, device.room, device.type) != (parsed.site, parsed.room, parsed.type):
-                error = "wrong_namespace"
-            else:
-                try:
-                    body = codec.normalize(codec.decode(msg.payload, parsed.msgpack))
-                except PayloadError as exc:
-                    error = exc.reason
-        self._count(action)
-        if error is not None or parsed is None:
-            if error is not None:
-                self._drop(error, msg, f"{len(msg.payload)} bytes")
+                check = "wrong_namespace"
+            action = parsed.action.split("/", 1)[0]
+            counter = self._metrics.messages.labels(action, "in")
+            known = (parsed, action, counter, check, registry)
+            if len(self._topics) >= 20_000:
+                self._topics.clear()
+            self._topics[topic] = known
+        parsed, action, counter, error, _ = known
+        body: Any = None
+        if error is None:
+            try:
+                body = codec.normalize(codec.decode(msg.payload, parsed.msgpack))
+            except PayloadError as exc:
+                error = exc.reason
+        self._tally(counter)
+        if error is not None:
+            self._drop(error, msg, f"{len(msg.payload)} bytes")
             return _Step(error=error)
         self._presence.seen(parsed.device_id, msg.received_at, transition=action != "availability")
         route = _ROUTES.get(action)
@@ -242,8 +249,20 @@ class Ingest:
         future = None
         for name, value in metrics:
             future = append(_MEASUREMENT_SQL, (parsed.device_id, name, when, value))
-        self._stored_measurements.inc(len(metrics))
+        self._tally(self._stored_measurements, len(metrics))
         return future
+
+    def _tally(self, counter: Any, amount: float = 1.0) -> None:
+        """`counter.inc(amount)` at the end of this loop turn, summed with the turn's other increments."""
+        tallies = self._tallies
+        if not tallies:
+            asyncio.get_running_loop().call_soon(self._apply_tallies)
+        tallies[counter] = tallies.get(counter, 0.0) + amount
+
+    def _apply_tallies(self) -> None:
+        tallies, self._tallies = self._tallies, {}
+        for counter, amount in tallies.items():
+            counter.inc(amount)
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,6 +147,12 @@ async def test_unknown_device_in_topic_is_counted(gateway: Running, paho_clients
     assert gateway.gw.health()["counters"]["drops"]["unknown_device"] == 1
     assert gateway.rows("SELECT * FROM events") == []
 
+    # the topic's device check is cached per topic, and made again once the registry changes
+    await gateway.add_device("nobody")
+    await asyncio.to_thread(client.publish, topic("nobody", "press"), json.dumps({"sequence_id": 2}))
+    assert gateway.gw.health()["counters"]["drops"]["unknown_device"] == 1
+    assert [row[0] for row in gateway.rows("SELECT sequence_id FROM events WHERE type = 'press'")] == [2]
+
 
 async def test_command_reaches_device_at_qos2_and_its_ack_marks_it_done(gateway: Running, paho_clients) -> None:
     device, _ = await _device(gateway, paho_clients)

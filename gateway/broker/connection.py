@@ -60,6 +60,13 @@ class Transport:
         self._out.append(data)
         self._out_size += len(data)
 
+    def write_now(self, data: bytes) -> None:
+        """Send at once unless this iteration already buffered output (then after it, in order)."""
+        if self._out:
+            self.write(data)
+        elif not self._transport.is_closing():
+            self._transport.write(data)
+
     def _flush(self) -> None:
         out = self._out
         if not out:
@@ -256,9 +263,11 @@ class Connection:
         if stored is None and not self._acks:
             self.transport.write(packets.ack(kind, pid))
             return
-        self._acks.append((kind, pid, stored))
-        if stored is not None:
+        acks = self._acks
+        # one callback per write waited for: acks queued behind the same write are released by its callback
+        if stored is not None and not (acks and acks[-1][2] is stored):
             stored.add_done_callback(self._flush_acks)
+        acks.append((kind, pid, stored))
 
     def _flush_acks(self, _: object = None) -> None:
         acks = self._acks
@@ -278,7 +287,8 @@ class Connection:
             acks.popleft()
             out.append(packets.ack(kind, pid))
         if out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            # called back by the COMMIT, so nothing else for this client is likely buffered: no extra loop turn
+            self.transport.write_now(out[0] if len(out) == 1 else b"".join(out))
 
     def _on_pubrel(self, pid: int) -> None:
         assert self.session is not None

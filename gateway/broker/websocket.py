@@ -37,6 +37,9 @@ class WsTransport(Transport):
         if self._sending is None:
             self._sending = asyncio.get_running_loop().create_task(self._send())
 
+    def write_now(self, data: bytes) -> None:
+        self.write(data)
+
     async def _send(self) -> None:
         try:
             while self._out:
