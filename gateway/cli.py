@@ -18,6 +18,7 @@ import click
 
 from gateway import __version__, config
 from gateway.errors import BosunError
+from gateway.hq.cli import hq
 from gateway.models import DeviceRow
 from gateway.store import registry
 from gateway.store.schema import connect, migrate
@@ -539,3 +540,6 @@ def _sim_devices(conn: sqlite3.Connection, plan: Any) -> list[tuple[DeviceRow, s
             )
         out.append((row, secret))
     return out
+
+
+main.add_command(hq)  # `bosun hq`: the reference HQ receiver (gateway/hq)

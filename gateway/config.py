@@ -122,6 +122,78 @@ class CallsSection:
 
 
 @dataclass(frozen=True)
+class UplinkSection:
+    url: str = _help(
+        "Where records go: https://hq.example (POST {url}/api/v1/ingest) or mqtts://broker:8883 (an MQTT bridge); "
+        "empty keeps everything in the outbox.",
+        "",
+    )
+    token: str = _help("This gateway's bearer token at HQ (`bosun hq gateway add ID` prints it); MQTT password.", "")
+    client_cert: str = _help("PEM client certificate (with its key, or see client_key) for mutual TLS.", "")
+    client_key: str = _help("PEM private key of client_cert, when it is in a file of its own.", "")
+    ca_file: str = _help("PEM CA bundle that signs HQ's certificate (default: the system's).", "")
+    topic_prefix: str = _help("MQTT bridge: batches go to {topic_prefix}/{gateway id}/{lane} at QoS 1.", "bosun-hq")
+    batch_records: int = _help("Most records in one batch.", 10000)
+    timeout_s: int = _help("Seconds one send may take before it counts as failed.", 30)
+    backoff_max_s: int = _help("Longest wait between retries (exponential backoff with full jitter).", 300)
+    max_bytes_per_s: int = _help("Bandwidth cap on the wire for metered links, bytes per second; 0 is unlimited.", 0)
+    window: str = _help(
+        "Local time window for state and telemetry, e.g. 22:00-06:00 (calls, alarms and audit always go); "
+        "empty is always.",
+        "",
+    )
+    state_budget_mb: int = _help("Bytes of unsent device-state records kept; the oldest go first, counted.", 64)
+    max_age_h: int = _help(
+        "Unsent state and telemetry records older than this many hours are dropped and the loss reported; 0 never.",
+        0,
+    )
+
+
+@dataclass(frozen=True)
+class TlsSection:
+    port: int = _help(
+        "MQTT over TLS port (8883): devices log in with a password or a client certificate from the gateway's own "
+        "CA; 0 picks a free port, -1 turns TLS off.",
+        8883,
+    )
+    hostnames: list[str] = _help(
+        "Extra names and addresses for the server certificate (the host name, <host>.local, localhost and the "
+        "host's addresses are always in it).",
+        [],
+    )
+    server_days: int = _help("Lifetime of the broker's server certificate, in days.", 90)
+    renew_days: int = _help("The server certificate is renewed automatically this many days before it expires.", 30)
+    ca_days: int = _help("Lifetime of the gateway's own CA, created on the first start (ten years).", 3650)
+    device_days: int = _help("Lifetime of a device certificate (never past the CA's own expiry).", 1825)
+    ca_warn_days: int = _help("The UI and /healthz warn this many days before the CA expires.", 30)
+
+
+@dataclass(frozen=True)
+class DiscoverySection:
+    enabled: bool = _help(
+        "Advertise the gateway over mDNS (_mqtt, _mqtts, _http, _bosun) and list unprovisioned devices "
+        "(_bosun-device._tcp) as pending.",
+        True,
+    )
+    interfaces: list[str] = _help(
+        "Addresses of the interfaces mDNS uses; empty: every interface (only loopback when the listeners bind "
+        "127.0.0.1).",
+        [],
+    )
+
+
+@dataclass(frozen=True)
+class ProvisioningSection:
+    token_hours: int = _help("Hours a provisioning token (a QR code) stays valid; each is single use.", 24)
+    rate_per_min: int = _help("Most provisioning attempts per minute from one client address.", 10)
+    broker_host: str = _help(
+        "Host name or address devices are told to reach the broker at (QR codes, provision answers); empty: this "
+        "host's name with .local.",
+        "",
+    )
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = _help("Log level: DEBUG, INFO, WARNING or ERROR.", "INFO")
     format: str = _help("Log format: 'text' for people, 'json' for journald.", "text")
@@ -135,7 +207,11 @@ class Config:
     store: StoreSection = field(default_factory=StoreSection)
     presence: PresenceSection = field(default_factory=PresenceSection)
     calls: CallsSection = field(default_factory=CallsSection)
+    uplink: UplinkSection = field(default_factory=UplinkSection)
     log: LogSection = field(default_factory=LogSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
+    provisioning: ProvisioningSection = field(default_factory=ProvisioningSection)
 
     @property
     def data_dir(self) -> Path:
@@ -262,8 +338,10 @@ def _validate(cfg: Config) -> None:
                     "level, '+' only as a whole level)"
                 )
     _validate_calls(cfg.calls)
+    _validate_uplink(cfg.uplink)
     if not cfg.gateway.data_dir:
         raise ConfigError("gateway.data_dir: expected a directory path, got an empty string")
+    _validate_security(cfg)
 
 
 def _validate_calls(calls: CallsSection) -> None:
@@ -283,6 +361,40 @@ def _validate_calls(calls: CallsSection) -> None:
             )
     if calls.check_ms <= 0:
         raise ConfigError(f"calls.check_ms: expected a positive integer, got {calls.check_ms}")
+
+
+_WINDOW = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
+
+
+def _validate_uplink(uplink: UplinkSection) -> None:
+    scheme = uplink.url.partition("://")[0] if "://" in uplink.url else ""
+    if uplink.url and (scheme not in ("http", "https", "mqtt", "mqtts") or not uplink.url.partition("://")[2]):
+        raise ConfigError(f"uplink.url: expected http(s)://host[:port] or mqtt(s)://host[:port], got {uplink.url!r}")
+    if uplink.window and not _WINDOW.fullmatch(uplink.window):
+        raise ConfigError(f"uplink.window: expected HH:MM-HH:MM (local time), got {uplink.window!r}")
+    if not valid_filter(uplink.topic_prefix) or any(c in uplink.topic_prefix for c in "+#"):
+        raise ConfigError(f"uplink.topic_prefix: expected an MQTT topic without wildcards, got {uplink.topic_prefix!r}")
+    for key in ("batch_records", "timeout_s", "backoff_max_s", "state_budget_mb"):
+        if getattr(uplink, key) <= 0:
+            raise ConfigError(f"uplink.{key}: expected a positive integer, got {getattr(uplink, key)}")
+    for key in ("max_bytes_per_s", "max_age_h"):
+        if getattr(uplink, key) < 0:
+            raise ConfigError(f"uplink.{key}: expected 0 or more, got {getattr(uplink, key)}")
+
+
+def _validate_security(cfg: Config) -> None:
+    if not -1 <= cfg.tls.port <= 65535:
+        raise ConfigError(f"tls.port: expected a port number 0-65535 or -1 (off), got {cfg.tls.port}")
+    for key in ("server_days", "renew_days", "ca_days", "device_days", "ca_warn_days"):
+        if getattr(cfg.tls, key) <= 0:
+            raise ConfigError(f"tls.{key}: expected a positive integer, got {getattr(cfg.tls, key)}")
+    if cfg.tls.renew_days >= cfg.tls.server_days:
+        raise ConfigError(
+            f"tls.renew_days: expected fewer days than tls.server_days ({cfg.tls.server_days}), got {cfg.tls.renew_days}"
+        )
+    for key in ("token_hours", "rate_per_min"):
+        if getattr(cfg.provisioning, key) <= 0:
+            raise ConfigError(f"provisioning.{key}: expected a positive integer, got {getattr(cfg.provisioning, key)}")
 
 
 def press_priorities(calls: CallsSection) -> dict[str, str]:

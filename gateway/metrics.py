@@ -63,6 +63,50 @@ class Metrics:
             registry=r,
         )
 
+        # uplink (gateway/uplink): backlog per lane, what reached HQ, and how long the site can stay offline
+        self.uplink_backlog_records = Gauge(
+            "bosun_uplink_backlog_records", "Records not yet confirmed by HQ, by lane", ["lane"], registry=r
+        )
+        self.uplink_backlog_bytes = Gauge(
+            "bosun_uplink_backlog_bytes",
+            "Bytes of the backlog by lane (outbox bodies; telemetry: estimated on the wire)",
+            ["lane"],
+            registry=r,
+        )
+        self.uplink_oldest_age = Gauge(
+            "bosun_uplink_oldest_unsent_seconds",
+            "Age of the oldest record not yet at HQ, by lane",
+            ["lane"],
+            registry=r,
+        )
+        self.uplink_sent_records = Counter(
+            "bosun_uplink_sent_records", "Records confirmed by HQ, by lane", ["lane"], registry=r
+        )
+        self.uplink_sent_bytes = Counter(
+            "bosun_uplink_sent_bytes", "Bytes on the wire of confirmed batches, by lane", ["lane"], registry=r
+        )
+        self.uplink_wire_bytes_per_record = Gauge(
+            "bosun_uplink_wire_bytes_per_record", "Bytes on the wire per record in the last batch", ["lane"], registry=r
+        )
+        self.uplink_last_success = Gauge(
+            "bosun_uplink_last_success_timestamp_seconds", "When HQ last confirmed a batch", registry=r
+        )
+        self.uplink_connected = Gauge("bosun_uplink_connected", "1 when the last send reached HQ", registry=r)
+        self.uplink_errors = Counter(
+            "bosun_uplink_errors", "Failed sends: transient, retry_after (429/503), refused", ["kind"], registry=r
+        )
+        self.uplink_lost = Gauge(
+            "bosun_uplink_lost_records",
+            "Records evicted before HQ had them (reported to HQ), by lane",
+            ["lane"],
+            registry=r,
+        )
+        self.uplink_runway = Gauge(
+            "bosun_uplink_runway_seconds",
+            "Seconds until unsent telemetry would be evicted at the current data rate and budget (-1: not growing)",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -1,6 +1,7 @@
 """The gateway's lifecycle: components start in a fixed order on one AsyncExitStack and stop in reverse.
 
-Order: store (writer, reader) -> registry cache -> presence, retention -> ingest + broker -> calls -> API.
+Order: store (writer, reader) -> registry cache -> presence, retention -> ingest + broker -> calls -> uplink
+-> API.
 Stopping closes the listeners first, ingests what sessions still hold, and lets the writer commit
 everything queued before the process exits.
 """
@@ -32,6 +33,7 @@ from gateway.retention import Retention, used_bytes
 from gateway.store import registry
 from gateway.store.reader import Reader
 from gateway.store.writer import Writer
+from gateway.uplink.worker import Uplink
 from gateway.webserver import WebServer
 
 __all__ = ["Bootstrap", "Gateway"]
@@ -67,7 +69,11 @@ class Gateway:
         self.reader = Reader(cfg.db_path)
         self.accounts = Accounts(self.reader)
         self.presence = Presence(cfg.presence, self.writer, self.hub, self.metrics)
-        self.retention = Retention(cfg.store, self.writer, self.metrics)
+        self.retention = Retention(cfg.store, self.writer, self.metrics, cfg.uplink)
+        self.uplink = Uplink(
+            cfg.uplink, cfg.store, cfg.db_path, self.writer, self.metrics, lambda: self.retention.freed_bytes
+        )
+        self.retention.attach(self.uplink.in_flight)
         self.ingest = Ingest(cfg, self.writer, self.accounts, self.presence, self.hub, self.metrics)
         self.gate = Gatekeeper(cfg.mqtt, self.accounts, self.metrics)
         self.calls = Calls(
@@ -127,6 +133,8 @@ class Gateway:
         await self.calls.start()
         stack.push_async_callback(self._stopped, "calls", self.calls.stop)
         self.state["calls"] = "ok"
+        await self.uplink.start(self.gateway_id)
+        stack.push_async_callback(self.uplink.stop)  # its state is health()["uplink"]: a link down is not "degraded"
         self.accounts.on_change(self._enforce_registry)
         self.commands = Commands(self.cfg.mqtt.root, self.writer, self.broker)
         self.state["broker"] = "ok"
@@ -191,6 +199,7 @@ class Gateway:
                 "auth_failures": self.metrics.counter_values(self.metrics.auth_failures),
                 "stored": self.metrics.counter_values(self.metrics.stored),
             },
+            "uplink": self.uplink.health(),
             "process": {
                 "rss_bytes": process.memory_info().rss,
                 "cpu_seconds": round(sum(process.cpu_times()[:2]), 3),

@@ -62,6 +62,31 @@ def value(cfg: config.Config, dotted: str) -> Any:
         ("calls.escalation_emergency", [15, 30, 120]),
         ("calls.press_priority", ["long=urgent"]),
         ("calls.check_ms", 250),
+        ("uplink.url", ""),
+        ("uplink.token", ""),
+        ("uplink.client_cert", ""),
+        ("uplink.client_key", ""),
+        ("uplink.ca_file", ""),
+        ("uplink.topic_prefix", "bosun-hq"),
+        ("uplink.batch_records", 10000),
+        ("uplink.timeout_s", 30),
+        ("uplink.backoff_max_s", 300),
+        ("uplink.max_bytes_per_s", 0),
+        ("uplink.window", ""),
+        ("uplink.state_budget_mb", 64),
+        ("uplink.max_age_h", 0),
+        ("tls.port", 8883),
+        ("tls.hostnames", []),
+        ("tls.server_days", 90),
+        ("tls.renew_days", 30),
+        ("tls.ca_days", 3650),
+        ("tls.device_days", 1825),
+        ("tls.ca_warn_days", 30),
+        ("discovery.enabled", True),
+        ("discovery.interfaces", []),
+        ("provisioning.token_hours", 24),
+        ("provisioning.rate_per_min", 10),
+        ("provisioning.broker_host", ""),
     ],
 )
 def test_defaults(dotted: str, expected: Any) -> None:
@@ -415,7 +440,7 @@ def test_describe_lists_every_key_once_with_its_default_and_help() -> None:
         for section in dataclasses.fields(cfg)
         for f in dataclasses.fields(getattr(cfg, section.name))
     ]
-    assert len(every) == 38
+    assert len(every) == 63
     assert [dotted for _, dotted, _, _ in rows] == every
     for env_name, dotted, default, help_text in rows:
         section, key = dotted.split(".")
@@ -424,7 +449,13 @@ def test_describe_lists_every_key_once_with_its_default_and_help() -> None:
         assert help_text.strip(), dotted
 
 
-_OTHER_CHOICE = {"store.synchronous": "NORMAL", "log.level": "ERROR", "log.format": "json"}
+_OTHER_CHOICE = {
+    "store.synchronous": "NORMAL",
+    "log.level": "ERROR",
+    "log.format": "json",
+    "uplink.url": "https://hq.example",
+    "uplink.window": "22:00-06:00",
+}
 
 
 @pytest.mark.parametrize("row", config.describe(), ids=lambda row: row[0])

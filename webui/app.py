@@ -21,6 +21,8 @@ from webui.routes.data import list_events, list_traffic
 from webui.routes.devices import DeviceController, read_command
 from webui.routes.live import live
 from webui.routes.system import healthz, metrics
+from webui.routes.traffic_stream import traffic_stream
+from webui.routes.uplink import uplink_status
 
 __all__ = ["create_app"]
 
@@ -34,11 +36,13 @@ def create_app(gateway: Any) -> Litestar:
             read_command,
             list_events,
             list_traffic,
+            traffic_stream,
             live,
             CallController,
             RoomController,
             get_duty,
             put_duty,
+            uplink_status,
             pages(),
             # the UI's own CSS, script and icon: nothing is fetched from outside the gateway
             create_static_files_router("/static", [HERE / "static"], opt={"public": True}, include_in_schema=False),

@@ -9,12 +9,13 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["LANE_PRIORITY", "LANE_STATE", "LANE_TELEMETRY", "audit", "outbox"]
+__all__ = ["LANES", "LANE_PRIORITY", "LANE_STATE", "LANE_TELEMETRY", "audit", "loss", "outbox"]
 
 # Lanes drain in this order (DESIGN: uplink): calls, alarms and audit first, then device state, telemetry.
 LANE_PRIORITY = "priority"
 LANE_STATE = "state"
 LANE_TELEMETRY = "telemetry"
+LANES = (LANE_PRIORITY, LANE_STATE, LANE_TELEMETRY)
 
 
 def outbox(conn: sqlite3.Connection, lane: str, kind: str, body: dict[str, Any], device_id: str | None = None) -> None:
@@ -44,4 +45,18 @@ def audit(conn: sqlite3.Connection, actor: str, action: str, target: str | None,
             "target": target,
             "detail": detail,
         },
+    )
+
+
+def loss(conn: sqlite3.Connection, lane: str, first: int, last: int, count: int, reason: str) -> None:
+    """Records of `lane` in [first, last] that will never reach HQ: counted, and reported to HQ in the priority
+    lane (which is never evicted), in the transaction that drops them."""
+    if count <= 0:
+        return
+    conn.execute("UPDATE uplink_lanes SET lost = lost + ? WHERE lane = ?", (count, lane))
+    outbox(
+        conn,
+        LANE_PRIORITY,
+        "loss",
+        {"lane": lane, "first": first, "last": last, "count": count, "reason": reason, "ts": time.time()},
     )

@@ -257,6 +257,84 @@ MIGRATIONS.append(
     """
 )
 
+MIGRATIONS.append(
+    """
+    -- uplink (DESIGN: uplink): one durable cursor per lane, the highest sequence HQ confirmed it stored.
+    -- priority and state lanes are outbox seqs (acked rows are deleted); telemetry is measurements.id
+    -- (measurements are not copied into the outbox: at 20k rows/s that would double the write load)
+    CREATE TABLE uplink_lanes (
+        lane TEXT PRIMARY KEY,
+        acked INTEGER NOT NULL DEFAULT 0,
+        sent_records INTEGER NOT NULL DEFAULT 0,
+        sent_bytes INTEGER NOT NULL DEFAULT 0,
+        lost INTEGER NOT NULL DEFAULT 0,
+        acked_at REAL
+    );
+    INSERT INTO uplink_lanes(lane) VALUES ('priority'), ('state'), ('telemetry');
+    """
+)
+
+MIGRATIONS.append(
+    """
+    -- discovery, provisioning and device security (DESIGN: provisioning): single-use tokens stored hashed,
+    -- scoped to site/room/type and optionally bound to one pending device; token_id is their public name
+    CREATE TABLE provisioning_tokens (
+        token_hash TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL UNIQUE,
+        site TEXT NOT NULL,
+        room TEXT NOT NULL,
+        type TEXT NOT NULL,
+        device_id TEXT,
+        profile TEXT,
+        created_by TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at REAL,
+        used_by TEXT
+    );
+    -- every certificate the local CA issued to a device; the broker accepts only these, unrevoked
+    CREATE TABLE device_certificates (
+        serial TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        issued_at REAL NOT NULL,
+        not_after REAL NOT NULL,
+        revoked_at REAL
+    );
+    CREATE INDEX device_certificates_device ON device_certificates(device_id);
+    -- revoked devices: their password is deleted and their certificates refused from then on
+    CREATE TABLE revocations (
+        device_id TEXT PRIMARY KEY,
+        revoked_at REAL NOT NULL,
+        revoked_by TEXT NOT NULL,
+        reason TEXT
+    );
+    -- seed 004's MQTTSecurityProfile: named limits per device type, assigned to devices
+    CREATE TABLE security_profiles (
+        name TEXT PRIMARY KEY,
+        device_type TEXT,
+        actions TEXT NOT NULL DEFAULT '[]',
+        max_qos INTEGER NOT NULL DEFAULT 2,
+        retain INTEGER NOT NULL DEFAULT 1,
+        max_connections INTEGER NOT NULL DEFAULT 1,
+        description TEXT
+    );
+    ALTER TABLE devices ADD COLUMN profile TEXT;
+    CREATE TRIGGER devices_profile_upd AFTER UPDATE OF profile ON devices BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    CREATE TRIGGER certs_ins AFTER INSERT ON device_certificates BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    CREATE TRIGGER certs_upd AFTER UPDATE ON device_certificates BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    CREATE TRIGGER profiles_ins AFTER INSERT ON security_profiles BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    CREATE TRIGGER profiles_upd AFTER UPDATE ON security_profiles BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    CREATE TRIGGER profiles_del AFTER DELETE ON security_profiles BEGIN
+        UPDATE meta SET value = value + 1 WHERE key = 'registry_version'; END;
+    """
+)
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -8,6 +8,7 @@ from litestar import Router
 
 from webui.pages.calls import call_action, call_page, calls_history, calls_page
 from webui.pages.login import account, change_password, login_form, login_submit, logout, root
+from webui.pages.traffic import traffic_page
 
 __all__ = ["PAGES", "pages"]
 
@@ -22,6 +23,7 @@ PAGES: list[Any] = [
     calls_history,
     call_page,
     call_action,
+    traffic_page,
 ]
 
 

@@ -1,0 +1,280 @@
+"""The uplink against a real `bosun hq` on loopback: a backlog stored while HQ is down reaches it exactly once,
+in order per device, calls first; 429 Retry-After is honoured; a refusal stops the lane visibly; eviction under
+a tiny disk budget drops only telemetry and HQ is told how much."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgpack
+import pytest
+from conftest import make_config
+from test_hq import Hq
+
+from gateway.runtime import Gateway
+from gateway.store import registry
+from gateway.store.records import LANE_PRIORITY, LANE_STATE, outbox
+from gateway.webserver import WebServer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fill(conn: sqlite3.Connection, start: int, count: int, calls_every: int = 25, state_every: int = 15) -> None:
+    """`count` records of mixed lanes, interleaved as a site makes them: mostly telemetry, some calls and state."""
+    rows = []
+    for i in range(start, start + count):
+        if i % calls_every == 0:
+            outbox(conn, LANE_PRIORITY, "call", {"id": i, "state": "open", "n": i}, f"btn-{i % 7}")
+        elif i % state_every == 0:
+            outbox(conn, LANE_STATE, "device", {"device_id": f"s-{i % 11}", "n": i}, f"s-{i % 11}")
+        else:
+            rows.append((f"s-{i % 11}", "temperature", 1_700_000_000 + i / 1000, round(i * 0.1, 1)))
+    conn.executemany("INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)", rows)
+
+
+def gateway_lanes(data_dir: Path) -> dict[str, list[tuple[Any, ...]]]:
+    conn = sqlite3.connect(data_dir / "bosun.db")
+    try:
+        return {
+            "telemetry": conn.execute("SELECT id, device_id FROM measurements ORDER BY id").fetchall(),
+            "outbox": conn.execute("SELECT lane, count(*) FROM outbox GROUP BY lane").fetchall(),
+        }
+    finally:
+        conn.close()
+
+
+def hq_rows(hq: Hq, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(hq.data_dir / "hq.db")
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def hq_get(hq: Hq, path: str, **params: Any) -> Any:
+    async with httpx.AsyncClient(base_url=hq.url, timeout=10) as http:
+        return (await http.get(path, params=params)).json()
+
+
+async def hq_count(hq: Hq, gateway_id: str, lane: str) -> int:
+    for g in await hq_get(hq, "/api/v1/gateways"):
+        if g["id"] == gateway_id:
+            return int(g["lanes"].get(lane, {}).get("records", 0))
+    return 0
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[Callable[..., Any]]:
+    gateways: list[Gateway] = []
+
+    async def start(data_dir: Path, **extra: Any) -> Gateway:
+        gw = Gateway(make_config(data_dir, **{"gateway.id": "gw-test", "uplink.backoff_max_s": 1, **extra}))
+        await gw.start()
+        gateways.append(gw)
+        return gw
+
+    yield start
+    for gw in gateways:
+        await gw.stop()
+
+
+async def test_a_backlog_stored_while_hq_is_down_arrives_exactly_once_in_order_calls_first(
+    tmp_path: Path, started: Callable[..., Any]
+) -> None:
+    hq = Hq(tmp_path / "hq", free_port())
+    token = hq.add_gateway("gw-test")
+    gw: Gateway = await started(tmp_path / "var", **{"uplink.url": hq.url, "uplink.token": token})
+    token_api = await gw.writer.run(lambda c: registry.create_token(c, "admin", "t", "test"))  # audited: priority
+    for start in range(1, 50_001, 10_000):
+        await gw.writer.run(lambda c, s=start: fill(c, s, 10_000))  # type: ignore[misc]
+    await until(lambda: gw.uplink.last_error, 10, "a failed send")
+    assert "unreachable" in (gw.uplink.last_error or "") and not gw.uplink.connected
+    status = await gw.uplink.refresh()
+    calls = sum(1 for i in range(1, 50_001) if i % 25 == 0)
+    states = sum(1 for i in range(1, 50_001) if i % 25 and i % 15 == 0)
+    assert {lane: b["records"] for lane, b in status.backlog.items()} == {
+        "priority": calls + 2,  # + the audit rows of the admin user and its token
+        "state": states,
+        "telemetry": 50_000 - calls - states,
+    }
+    hq.start()
+    try:
+        expected = gateway_lanes(tmp_path / "var")["telemetry"]
+
+        async def drained() -> bool:
+            return await hq_count(hq, "gw-test", "telemetry") == len(expected)
+
+        await until(drained, 60, "the drain")
+        # exactly once: every measurement id, once, and nothing else
+        got = hq_rows(hq, "SELECT seq, device_id FROM measurements ORDER BY id")
+        assert got == expected  # in the gateway's order, so in order per device too
+        records = hq_rows(hq, "SELECT lane, seq FROM records ORDER BY id")
+        assert len(records) == len(set(records)) == calls + 2 + states
+        # calls first: every priority batch was stored before any state batch, state before telemetry
+        times = {
+            lane: (lo, hi)
+            for lane, lo, hi in hq_rows(
+                hq, "SELECT lane, min(received_at), max(received_at) FROM batches GROUP BY lane"
+            )
+        }
+        assert times["priority"][1] <= times["state"][0] and times["state"][1] <= times["telemetry"][0]
+        assert len(await hq_get(hq, "/api/v1/gateways/gw-test/calls", limit=5000)) == calls
+        # acknowledged outbox rows are gone from the gateway; the backlog is empty and visible as such
+        await until(lambda: not gateway_lanes(tmp_path / "var")["outbox"], 10, "the outbox to empty")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http_port}") as http:
+            api = (await http.get("/api/v1/uplink", headers={"Authorization": f"Bearer {token_api}"})).json()
+            health = (await http.get("/healthz")).json()
+            metrics = (await http.get("/metrics", headers={"Authorization": f"Bearer {token_api}"})).text
+        assert api["connected"] is True and api["last_success"] is not None
+        assert {lane: v["records"] for lane, v in api["lanes"].items()} == {"priority": 0, "state": 0, "telemetry": 0}
+        assert api["lanes"]["telemetry"]["wire_bytes_per_record"] < 20
+        assert health["uplink"]["connected"] is True
+        for name in (
+            'bosun_uplink_backlog_records{lane="telemetry"}',
+            "bosun_uplink_backlog_bytes",
+            "bosun_uplink_oldest_unsent_seconds",
+            "bosun_uplink_last_success_timestamp_seconds",
+            f'bosun_uplink_sent_records_total{{lane="telemetry"}} {len(expected)}.0',
+            "bosun_uplink_wire_bytes_per_record",
+            "bosun_uplink_runway_seconds",
+        ):
+            assert name in metrics, name
+    finally:
+        hq.stop()
+
+
+async def test_429_retry_after_is_honoured(tmp_path: Path, started: Callable[..., Any]) -> None:
+    """A front that answers the first ingest with 429 Retry-After: 2, then lets HQ through."""
+    hq = Hq(tmp_path / "hq").start()
+    token = hq.add_gateway("gw-test")
+    seen: list[float] = []
+
+    async def front(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        seen.append(time.monotonic())
+        if len(seen) == 1:
+            headers = [(b"retry-after", b"2"), (b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 429, "headers": headers})
+            await send({"type": "http.response.body", "body": b'{"status_code": 429, "message": "slow down"}'})
+            return
+        wanted = {k.decode(): v.decode() for k, v in scope["headers"]}
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(f"{hq.url}{scope['path']}", content=body, headers=wanted)
+        await send({"type": "http.response.start", "status": answer.status_code, "headers": []})
+        await send({"type": "http.response.body", "body": answer.content})
+
+    web = WebServer(front, "127.0.0.1", 0)
+    await web.start()
+    try:
+        # backoff_max_s=1: a retry that ignored Retry-After would come within a second
+        gw: Gateway = await started(
+            tmp_path / "var", **{"uplink.url": f"http://127.0.0.1:{web.port}", "uplink.token": token}
+        )
+        await until(lambda: len(seen) >= 2, 10, "the retry")
+        assert seen[1] - seen[0] >= 1.9
+        assert "429" in (gw.uplink.last_error or "")
+
+        async def audit_row() -> bool:
+            return await hq_count(hq, "gw-test", "priority") == 1
+
+        await until(audit_row, 10, "the audit row")
+    finally:
+        await web.stop()
+        hq.stop()
+
+
+async def test_a_refused_batch_stops_its_lane_with_a_visible_error(tmp_path: Path, started: Callable[..., Any]) -> None:
+    hq = Hq(tmp_path / "hq").start()
+    try:
+        wrong = hq.add_gateway("someone-else")  # a token for another gateway: HQ answers 403
+        gw: Gateway = await started(tmp_path / "var", **{"uplink.url": hq.url, "uplink.token": wrong})
+        await until(lambda: gw.uplink.lanes["priority"].stopped, 10, "the lane to stop")
+        health = gw.health()["uplink"]
+        assert "403" in health["lanes"]["priority"]["stopped"] and "someone-else" in health["last_error"]
+        sent = gw.metrics.counter_values(gw.metrics.uplink_errors)
+        await asyncio.sleep(1.5)
+        assert gw.metrics.counter_values(gw.metrics.uplink_errors) == sent  # not retried forever
+    finally:
+        hq.stop()
+
+
+async def test_eviction_under_a_tiny_budget_drops_only_telemetry_and_hq_gets_the_loss(
+    tmp_path: Path, started: Callable[..., Any]
+) -> None:
+    hq = Hq(tmp_path / "hq", free_port())
+    token = hq.add_gateway("gw-test")
+    gw: Gateway = await started(tmp_path / "var", **{"uplink.url": hq.url, "uplink.token": token, "store.max_db_mb": 1})
+    await gw.writer.run(lambda c: fill(c, 1, 40_000, calls_every=80, state_every=10**9))
+    trimmed = await gw.retention.run_once()
+    assert trimmed.unsent > 0 and trimmed.unsent == trimmed.measurements  # nothing was at HQ yet
+    lanes = dict(gw_rows(tmp_path, "SELECT lane, lost FROM uplink_lanes"))
+    assert lanes == {"priority": 0, "state": 0, "telemetry": trimmed.unsent}
+    kinds = gw_rows(tmp_path, "SELECT kind, count(*) FROM outbox WHERE lane = 'priority' GROUP BY kind")
+    # every call kept; the loss (one record per deleted chunk) on its way to HQ
+    assert dict(kinds) == {"audit": 1, "call": 500, "loss": -(-trimmed.unsent // 5000)}
+    hq.start()
+    try:
+        total = 40_000 - 500 - trimmed.unsent
+
+        async def drained() -> bool:
+            return await hq_count(hq, "gw-test", "telemetry") == total
+
+        await until(drained, 60, "the drain")
+        (g,) = await hq_get(hq, "/api/v1/gateways")
+        assert g["lost"] == {"telemetry": trimmed.unsent}
+        assert g["lanes"]["priority"]["records"] == 501 + -(-trimmed.unsent // 5000)
+        await gw.uplink.refresh()
+        assert gw.health()["uplink"]["lanes"]["telemetry"]["lost"] == trimmed.unsent
+    finally:
+        hq.stop()
+
+
+def gw_rows(tmp_path: Path, sql: str) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(tmp_path / "var" / "bosun.db")
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def test_outbox_bodies_are_msgpack() -> None:
+    # HQ decodes every outbox body with msgpack: the domains' dicts must survive the trip as they are
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, lane, kind, device_id, created_at, body)")
+    outbox(conn, LANE_PRIORITY, "call", {"id": 1, "x": [1, 2]}, "btn")
+    assert msgpack.unpackb(conn.execute("SELECT body FROM outbox").fetchone()[0]) == {"id": 1, "x": [1, 2]}
