@@ -7,10 +7,14 @@ each form's effect is checked in the database and the audit log. Browser tests: 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import html
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import msgpack
 import pytest
 from conftest import Running, topic
@@ -148,3 +152,262 @@ async def test_traffic_stream_resumes_after_an_id(gateway: Running) -> None:
         events += await _sse(lines, "traffic")
     assert [row["topic"] for kind, row in events if kind == "traffic"] == ["a/1", "a/2"]
 
+
+async def test_crew_is_refused_traffic_and_settings_installer_is_refused_audit_and_users(gateway: Running) -> None:
+    crew = await _user(gateway, "maria", "crew")
+    installer = await _user(gateway, "ines", "installer")
+    async with _signed_in(gateway, "maria", crew) as (client, csrf):
+        for path in ("/traffic", "/settings", "/audit", "/users", "/api/v1/traffic/stream"):
+            refused = await client.get(path)
+            assert refused.status_code == 403, path
+        assert "role crew may not do this" in (await client.get("/users")).text
+        posted = await client.post("/users", data={"_csrf": csrf, "username": "x", "role": "admin"})
+        assert posted.status_code == 403
+        assert gateway.rows("SELECT username FROM users WHERE username = 'x'") == []
+    async with _signed_in(gateway, "ines", installer) as (client, csrf):
+        assert (await client.get("/traffic")).status_code == 200
+        assert (await client.get("/settings")).status_code == 200
+        for path in ("/audit", "/users"):
+            assert (await client.get(path)).status_code == 403, path
+        page = await client.get("/settings")
+        assert 'href="/traffic"' in page.text and 'href="/users"' not in page.text
+        posted = await client.post("/users/ines/role", data={"_csrf": csrf, "role": "admin"})  # no promoting oneself
+        assert posted.status_code == 403
+    assert gateway.rows("SELECT role FROM users WHERE username = 'ines'") == [("installer",)]
+
+
+async def test_users_are_added_changed_disabled_and_reset_by_an_admin_and_audited(gateway: Running) -> None:
+    password = await _user(gateway, "ada", "admin")
+    async with _signed_in(gateway, "ada", password) as (client, csrf):
+        page = await client.get("/users")
+        assert page.status_code == 200 and 'data-user="admin"' in page.text and 'data-user="ada"' in page.text
+        assert "never" not in page.text.split('data-user="ada"')[1].split("</tr>")[0]  # ada just signed in
+
+        refused = await client.post(
+            "/users", data={"username": "bob", "role": "crew", "password": "x" * 12, "repeat": "x" * 12}
+        )
+        assert refused.status_code == 403  # no CSRF token
+        short = await client.post(
+            "/users", data={"_csrf": csrf, "username": "bob", "role": "crew", "password": "short", "repeat": "short"}
+        )
+        assert short.status_code == 400 and "at least 10 characters" in short.text
+        assert 'value="bob"' in short.text  # the form keeps what was typed (not the password)
+        differ = await client.post(
+            "/users", data={"_csrf": csrf, "username": "bob", "role": "crew", "password": "x" * 12, "repeat": "y" * 12}
+        )
+        assert differ.status_code == 400 and "differ" in differ.text
+        added = await client.post(
+            "/users",
+            data={
+                "_csrf": csrf,
+                "username": "bob",
+                "role": "crew",
+                "password": "first-pass-1",
+                "repeat": "first-pass-1",
+            },
+        )
+        assert added.status_code == 303
+        assert "User bob added." in (await client.get(added.headers["location"])).text
+        twice = await client.post(
+            "/users",
+            data={
+                "_csrf": csrf,
+                "username": "bob",
+                "role": "crew",
+                "password": "first-pass-1",
+                "repeat": "first-pass-1",
+            },
+        )
+        assert twice.status_code == 409 and "bob already exists" in twice.text
+        assert gateway.rows("SELECT role, disabled FROM users WHERE username = 'bob'") == [("crew", 0)]
+
+        async with _signed_in(gateway, "bob", "first-pass-1") as (bob, _):
+            role = await client.post("/users/bob/role", data={"_csrf": csrf, "role": "installer"})
+            assert role.status_code == 303
+            assert gateway.rows("SELECT role FROM users WHERE username = 'bob'") == [("installer",)]
+            bad_role = await client.post("/users/bob/role", data={"_csrf": csrf, "role": "captain"})
+            assert bad_role.status_code == 400 and "must be one of admin, installer, crew" in bad_role.text
+            assert (await bob.get("/calls")).status_code == 303  # a new role needs a new sign-in
+
+        off = await client.post("/users/bob/disabled", data={"_csrf": csrf, "disabled": "1"})
+        assert off.status_code == 303 and gateway.rows("SELECT disabled FROM users WHERE username = 'bob'") == [(1,)]
+        async with httpx.AsyncClient(base_url=gateway.url) as anon:
+            login = await anon.post("/login", data={"username": "bob", "password": "first-pass-1"})
+            assert login.status_code == 401  # disabled
+        on = await client.post("/users/bob/disabled", data={"_csrf": csrf, "disabled": "0"})
+        assert on.status_code == 303 and gateway.rows("SELECT disabled FROM users WHERE username = 'bob'") == [(0,)]
+
+        mismatch = await client.post(
+            "/users/bob/password", data={"_csrf": csrf, "password": "n" * 12, "repeat": "m" * 12}
+        )
+        assert mismatch.status_code == 400
+        reset = await client.post(
+            "/users/bob/password", data={"_csrf": csrf, "password": "second-pass-2", "repeat": "second-pass-2"}
+        )
+        assert reset.status_code == 303
+        async with _signed_in(gateway, "bob", "second-pass-2"):
+            pass
+        mine = await client.post(
+            "/users/ada/password", data={"_csrf": csrf, "password": "ada-new-pass-1", "repeat": "ada-new-pass-1"}
+        )
+        assert mine.status_code == 303 and (await client.get("/users")).status_code == 200  # still signed in
+
+        # the last enabled admin: people.update_user refuses, and the page says why
+        assert (await client.post("/users/admin/disabled", data={"_csrf": csrf, "disabled": "1"})).status_code == 303
+        last = await client.post("/users/ada/role", data={"_csrf": csrf, "role": "crew"})
+        assert last.status_code == 409 and "ada is the last enabled admin: make another admin first" in last.text
+        assert gateway.rows("SELECT role FROM users WHERE username = 'ada'") == [("admin",)]
+        unknown = await client.post("/users/nobody/disabled", data={"_csrf": csrf, "disabled": "1"})
+        assert unknown.status_code == 404
+
+    audit = gateway.rows(
+        "SELECT actor, action, target FROM audit_log WHERE actor = 'ada' AND action != 'user.login' ORDER BY id"
+    )
+    assert audit == [
+        ("ada", "user.add", "bob"),
+        ("ada", "user.update", "bob"),
+        ("ada", "user.update", "bob"),
+        ("ada", "user.update", "bob"),
+        ("ada", "user.password", "bob"),
+        ("ada", "user.password", "ada"),
+        ("ada", "user.update", "admin"),
+    ]
+    details = gateway.rows("SELECT detail FROM audit_log WHERE action = 'user.password'")
+    assert all("pass" not in d[0] for d in details)  # no password in the audit log
+
+
+async def test_settings_change_rooms_dnd_and_duty_and_show_the_timers(gateway: Running) -> None:
+    password = await _user(gateway, "ines", "installer")
+    await gateway.add_device("b-1", room="c101")
+    await gateway.add_device("w-1", room="crew", type_="watch")
+    async with _signed_in(gateway, "ines", password) as (client, csrf):
+        page = await client.get("/settings")
+        assert page.status_code == 200
+        assert 'data-room="yacht/c101"' in page.text and 'data-watch="w-1"' in page.text
+        for text in (
+            "calls.escalation_normal",
+            "BOSUN_CALLS_ESCALATION_NORMAL",
+            "<b>60, 180, 600</b>",
+            "store.max_db_mb",
+            "<b>1024</b>",
+            "then restart the gateway",
+        ):
+            assert text in page.text, text
+
+        refused = await client.post("/settings/rooms/yacht/c101", data={"name": "Owner", "zone": "aft"})
+        assert refused.status_code == 403
+        named = await client.post(
+            "/settings/rooms/yacht/c101", data={"_csrf": csrf, "name": "Owner's <cabin>", "zone": "aft"}
+        )
+        assert named.status_code == 303 and named.headers["location"].startswith("/settings?done=room")
+        assert gateway.rows("SELECT name, zone, dnd FROM rooms WHERE site = 'yacht' AND room = 'c101'") == [
+            ("Owner's <cabin>", "aft", 0)
+        ]
+        assert "Owner&#39;s &lt;cabin&gt;" in (await client.get("/settings")).text
+        same = await client.post(
+            "/settings/rooms/yacht/c101", data={"_csrf": csrf, "name": "Owner's <cabin>", "zone": "aft"}
+        )
+        assert "done=same" in same.headers["location"]
+        bad_zone = await client.post(
+            "/settings/rooms/yacht/c101", data={"_csrf": csrf, "name": "x", "zone": "aft deck"}
+        )
+        assert bad_zone.status_code == 400 and "zone &#39;aft deck&#39; must be 1-64 characters" in bad_zone.text
+
+        async with gateway.gw.hub.subscribe() as events:
+            dnd = await client.post("/settings/rooms/yacht/c101", data={"_csrf": csrf, "dnd": "1"})
+            assert dnd.status_code == 303
+            kind, data = await asyncio.wait_for(events.get(), 2)
+        assert kind == "room" and data["dnd"] is True and data["changed_by"] == "ines"
+        assert gateway.rows("SELECT dnd, dnd_changed_by FROM rooms WHERE room = 'c101'") == [(1, "ines")]
+        assert "Turn off" in (await client.get("/settings")).text
+
+        added = await client.post(
+            "/settings/rooms", data={"_csrf": csrf, "site": "marina", "room": "m1", "name": "", "zone": "dock"}
+        )
+        assert added.status_code == 303
+        assert gateway.rows("SELECT name, zone FROM rooms WHERE site = 'marina' AND room = 'm1'") == [(None, "dock")]
+        bad_room = await client.post("/settings/rooms", data={"_csrf": csrf, "site": "marina", "room": "m 1"})
+        assert bad_room.status_code == 400 and "must be 1-64 characters" in bad_room.text
+
+        duty = await client.post("/settings/duty", data={"_csrf": csrf, "duty-w-1": "aft, dock  c7"})
+        assert duty.status_code == 303
+        assert gateway.rows("SELECT watch_id, zones FROM duty") == [("w-1", '["aft", "c7", "dock"]')]
+        assert 'value="aft, c7, dock"' in (await client.get("/settings")).text
+        bad_duty = await client.post("/settings/duty", data={"_csrf": csrf, "duty-w-1": "aft/deck"})
+        assert bad_duty.status_code == 400 and "must be &#39;*&#39; or 1-64 characters" in bad_duty.text
+        not_a_watch = await client.post("/settings/duty", data={"_csrf": csrf, "duty-b-1": "*"})
+        assert not_a_watch.status_code == 400 and "b-1 is not a registered watch" in not_a_watch.text
+        cleared = await client.post("/settings/duty", data={"_csrf": csrf, "duty-w-1": ""})
+        assert cleared.status_code == 303 and gateway.rows("SELECT * FROM duty") == []
+
+    audit = gateway.rows(
+        "SELECT action, target FROM audit_log WHERE actor = 'ines' AND action != 'user.login' ORDER BY id"
+    )
+    assert audit == [
+        ("room.update", "yacht/c101"),
+        ("room.dnd", "yacht/c101"),
+        ("room.update", "marina/m1"),
+        ("duty.set", None),
+        ("duty.set", None),
+    ]
+
+
+def _targets(page: str) -> list[int]:
+    """The room numbers of the audit rows on a page, in page order (targets are yacht/c<n>)."""
+    return [int(n) for n in re.findall(r"<td>yacht/c(\d+)</td>", page)]
+
+
+def _link(page: str, rel: str) -> str:
+    found = re.search(rf'href="([^"]+)" rel="{rel}"', page)
+    assert found is not None, rel
+    return html.unescape(found.group(1))
+
+
+async def test_audit_log_filters_by_actor_action_target_and_time_and_pages_by_id(gateway: Running) -> None:
+    password = await _user(gateway, "ada", "admin")
+    base = 1_750_000_000.0
+
+    def fill(conn: Any) -> None:
+        conn.executemany(
+            "INSERT INTO audit_log(ts, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+            [
+                (
+                    base + i * 60,
+                    "jon" if i % 2 else "kim",
+                    "room.dnd" if i % 3 else "user.add",
+                    f"yacht/c{i}",
+                    json.dumps({"n": i}),
+                )
+                for i in range(150)
+            ],
+        )
+
+    await gateway.gw.writer.run(fill)
+    async with _signed_in(gateway, "ada", password) as (client, _):
+        page = await client.get("/audit")
+        assert page.status_code == 200 and page.text.index("user.login") < page.text.index("yacht/c149")  # newest first
+        users = await client.get("/audit", params={"action": "user.", "actor": "kim"})
+        targets = _targets(users.text)
+        assert targets == [i for i in range(149, -1, -1) if i % 2 == 0 and i % 3 == 0]  # 25 rows, one page
+        assert "older →" not in users.text
+
+        dnd = await client.get("/audit", params={"action": "room.dnd"})
+        first = _targets(dnd.text)
+        assert len(first) == 50 and first[0] == 149 and "older →" in dnd.text and "← newer" not in dnd.text
+        older_href = _link(dnd.text, "next")
+        second = await client.get(older_href)
+        rows2 = _targets(second.text)
+        assert rows2[0] < first[-1] and "← newer" in second.text and "action=room.dnd" in older_href
+        newer_href = _link(second.text, "prev")
+        back = await client.get(newer_href)
+        assert _targets(back.text) == first
+
+        target = await client.get("/audit", params={"target": "yacht/c14"})
+        assert sorted(_targets(target.text)) == [14, *range(140, 150)]
+        since = dt.datetime.fromtimestamp(base + 10 * 60).strftime("%Y-%m-%dT%H:%M")
+        until = dt.datetime.fromtimestamp(base + 13 * 60).strftime("%Y-%m-%dT%H:%M")
+        window = await client.get("/audit", params={"since": since, "until": until})
+        assert sorted(_targets(window.text)) == [10, 11, 12]
+        assert f'value="{since}"' in window.text
+        bad = await client.get("/audit", params={"since": "yesterday"})
+        assert bad.status_code == 400 and "expected a date and time like" in bad.text

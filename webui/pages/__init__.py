@@ -6,9 +6,12 @@ from typing import Any
 
 from litestar import Router
 
+from webui.pages.audit import audit_page
 from webui.pages.calls import call_action, call_page, calls_history, calls_page
 from webui.pages.login import account, change_password, login_form, login_submit, logout, root
+from webui.pages.settings import duty_save, room_add, room_change, settings_page
 from webui.pages.traffic import traffic_page
+from webui.pages.users import user_add, user_change, users_page
 
 __all__ = ["PAGES", "pages"]
 
@@ -24,6 +27,14 @@ PAGES: list[Any] = [
     call_page,
     call_action,
     traffic_page,
+    settings_page,
+    room_add,
+    room_change,
+    duty_save,
+    audit_page,
+    users_page,
+    user_add,
+    user_change,
 ]
 
 
