@@ -8,6 +8,8 @@ from litestar import Router
 
 from webui.pages.audit import audit_page
 from webui.pages.calls import call_action, call_page, calls_history, calls_page
+from webui.pages.dashboard import dashboard_page
+from webui.pages.devices import device_action, device_page, devices_command, devices_page
 from webui.pages.login import account, change_password, login_form, login_submit, logout, root
 from webui.pages.settings import duty_save, room_add, room_change, settings_page
 from webui.pages.traffic import traffic_page
@@ -35,6 +37,11 @@ PAGES: list[Any] = [
     users_page,
     user_add,
     user_change,
+    dashboard_page,
+    devices_page,
+    devices_command,
+    device_page,
+    device_action,
 ]
 
 

@@ -13,7 +13,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 from gateway.commands import COMMAND_COLUMNS, command_row
 from gateway.errors import NotFound, RegistryError
 from gateway.models import DeviceRow
-from gateway.store import registry
+from gateway.store import registry, views
 from webui.auth import ANY, STAFF
 
 __all__ = ["DeviceController"]
@@ -112,28 +112,13 @@ class DeviceController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=100_000)] = 1000,
     ) -> list[dict[str, Any]]:
         gw = request.app.state.gateway
-        await gw.reader.call(lambda c: registry.get_device(c, device_id))
-        where: list[str] = ["device_id = ?"]
-        params: list[Any] = [device_id]
-        if metric is not None:
-            where.append("metric = ?")
-            params.append(metric)
-        if since is not None:
-            where.append("ts >= ?")
-            params.append(since)
-        if until is not None:
-            where.append("ts <= ?")
-            params.append(until)
-        clause = " AND ".join(where)
-        if since is not None:
-            sql = f"SELECT ts, metric, value FROM measurements WHERE {clause} ORDER BY ts, id LIMIT ?"
-        else:
-            sql = (
-                f"SELECT ts, metric, value FROM (SELECT id, ts, metric, value FROM measurements WHERE {clause} "
-                "ORDER BY ts DESC, id DESC LIMIT ?) ORDER BY ts, id"
-            )
-        rows = await gw.reader.fetchall(sql, [*params, limit])
-        return [{"ts": ts, "metric": m, "value": v} for ts, m, v in rows]
+
+        def read(conn: Any) -> list[dict[str, Any]]:
+            registry.get_device(conn, device_id)  # 404 for an unknown device, not an empty list
+            return views.measurements(conn, device_id, metric, since, until, limit)
+
+        result: list[dict[str, Any]] = await gw.reader.call(read)
+        return result
 
     @post(
         "/{device_id:str}/command",
@@ -154,11 +139,8 @@ class DeviceController(Controller):
         limit: Annotated[int, Parameter(ge=1, le=10_000)] = 100,
     ) -> list[dict[str, Any]]:
         gw = request.app.state.gateway
-        rows = await gw.reader.fetchall(
-            f"SELECT {COMMAND_COLUMNS} FROM commands WHERE device_id = ? ORDER BY created_at DESC LIMIT ?",
-            (device_id, limit),
-        )
-        return [dataclasses.asdict(command_row(r)) for r in rows]
+        rows = await gw.reader.call(lambda c: views.device_commands(c, device_id, limit))
+        return [dataclasses.asdict(r) for r in rows]
 
 
 @get("/api/v1/commands/{command_id:str}", opt={"roles": ANY}, tags=["devices"])
