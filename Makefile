@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEBS := mosquitto mosquitto-clients chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench check lint types fmt clean deps venv
+.PHONY: run test bench bench-uplink soak-uplink check lint types fmt clean deps venv
 
 # Debian ships venv support separately (python3.11-venv): install it when creating the venv fails
 $(BIN)/python:
@@ -40,6 +40,15 @@ test: deps
 # figures also go to bench-results.json. Options: make bench ARGS="--quick" (see python -m gateway.bench --help)
 bench: deps
 	$(BIN)/python -m gateway.bench $(ARGS)
+
+# Uplink: drain a 1,000,000-record backlog to a local `bosun hq` (records/s, bytes on the wire per record), ~1 min
+bench-uplink: deps
+	$(BIN)/python -m gateway.bench.uplink $(ARGS)
+
+# Uplink crash soak: kill -9 of HQ and the gateway at random points over many rounds (make test runs 4 short ones)
+soak-uplink: deps
+	BOSUN_SOAK_ROUNDS=$${BOSUN_SOAK_ROUNDS:-30} BOSUN_SOAK_RECORDS=$${BOSUN_SOAK_RECORDS:-1000000} \
+		$(BIN)/pytest -q -s -p no:cacheprovider --timeout 1800 tests/test_uplink_crash.py
 
 lint: .stamp-venv
 	$(BIN)/ruff check gateway webui tests
