@@ -54,7 +54,7 @@ def _configured(cfg: config.Config) -> list[dict[str, Any]]:
             section, name = key.split(".")
             value = getattr(getattr(cfg, section), name)
             rows.append({"key": key, "env": env, "value": value, "default": default, "help": help_})
-    return rows
+    return sorted(rows, key=lambda row: CONFIG_KEYS.index(row["key"]))
 
 
 def _read(conn: sqlite3.Connection) -> dict[str, Any]:
