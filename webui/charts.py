@@ -86,18 +86,18 @@ def line_chart(
     points: Sequence[tuple[float, float | None]],
     title: str,
     unit: str = "",
-    width: int = 600,
-    height: int = 180,
+    width: int = 420,
+    height: int = 170,
 ) -> Markup:
     """Values over time: y labels (min, middle, max, with the unit), x labels (first and last time)."""
-    left, right, top, bottom = 46, 10, 20, 22
+    left, right, top, bottom = 40, 8, 22, 22
     inner_w, inner_h = width - left - right, height - top - bottom
     known = [(t, v) for t, v in points if v is not None]
     head = escape(title) + (escape(f" ({unit})") if unit else "")
     svg = (
         f'<svg class="chart line-chart" viewBox="0 0 {width} {height}" role="img" aria-label="{head}" '
         f'data-points="{len(known)}" xmlns="http://www.w3.org/2000/svg"><title>{head}</title>'
-        f'<text class="head" x="{left}" y="13">{head}</text>'
+        f'<text class="head" x="{left}" y="15">{head}</text>'
     )
     if not known:
         return Markup(svg + f'<text x="{left}" y="{top + inner_h / 2:.0f}">no values</text></svg>')

@@ -8,6 +8,7 @@ buttons and the server refuses their posts (403).
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -99,6 +100,14 @@ def _signal_bars(signal: float | None) -> int:
     if signal is None:
         return 0
     return max(1, min(4, int((signal + 95) // 10)))
+
+
+def _when(ts: float | None) -> str:
+    """A table's time: the clock for today, the date too for older rows."""
+    if ts is None:
+        return "\N{EN DASH}"
+    moment = dt.datetime.fromtimestamp(ts)
+    return moment.strftime("%H:%M:%S" if moment.date() == dt.date.today() else "%d %b %H:%M")
 
 
 def _staff(request: Req) -> bool:
@@ -202,6 +211,7 @@ async def device_page(request: Req, device_id: str) -> Template:
         "low_battery": LOW_BATTERY,
         "bars": _signal_bars,
         "command_names": COMMANDS,
+        "when": _when,
     }
     fragment = request.query_params.get("fragment")
     if fragment in ("status", "events", "commands"):
