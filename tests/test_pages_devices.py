@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sqlite3
 from typing import Any
 
 import pytest
 from conftest import Running, topic
 from test_pages import _signed_in, _user
 
+from gateway.store import views
+from gateway.store.schema import migrate
 from webui.charts import line_chart, sparkline
 
 
@@ -286,3 +289,22 @@ def test_line_chart_labels_axes_and_escapes_text() -> None:
     assert 'data-points="2"' in flat  # a flat series still has a y range
     empty = str(line_chart([(1.0, None)], "nothing"))
     assert "no values" in empty and 'data-points="0"' in empty
+
+
+def test_traffic_per_minute_counts_the_last_hour_and_marks_minutes_before_the_log() -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrate(conn)
+    now = 1_700_000_000.0
+    times = [now - 7200, now - 3599, now - 3000, now - 3000, now - 61, now - 59, now - 1]
+    conn.executemany(
+        "INSERT INTO traffic(ts, direction, topic, qos, size) VALUES (?, 'in', 't', 0, 1)", [(t,) for t in times]
+    )
+    counts, log_from = views.traffic_per_minute(conn, now)
+    assert log_from == now - 7200 and len(counts) == 60
+    assert counts[0] == 1 and counts[10] == 2 and counts[58] == 1 and counts[59] == 2 and sum(counts) == 6
+    # retention trimmed the oldest rows (and left holes in the ids): the minutes before the log are unknown
+    conn.execute("DELETE FROM traffic WHERE ts < ?", (now - 3000,))
+    counts, log_from = views.traffic_per_minute(conn, now)
+    assert log_from == now - 3000 and counts[:10] == [None] * 10 and counts[10] == 2 and sum(counts[10:]) == 5
+    conn.execute("DELETE FROM traffic")
+    assert views.traffic_per_minute(conn, now) == ([0] * 60, None)
