@@ -6,12 +6,14 @@ import asyncio
 import json
 import re
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Running, topic
+from conftest import Running, make_config, topic
 from test_pages import _signed_in, _user
 
+from gateway.runtime import Gateway
 from gateway.store import views
 from gateway.store.schema import migrate
 from webui.charts import line_chart, sparkline
@@ -308,3 +310,25 @@ def test_traffic_per_minute_counts_the_last_hour_and_marks_minutes_before_the_lo
     assert log_from == now - 3000 and counts[:10] == [None] * 10 and counts[10] == 2 and sum(counts[10:]) == 5
     conn.execute("DELETE FROM traffic")
     assert views.traffic_per_minute(conn, now) == ([0] * 60, None)
+
+
+async def test_dashboard_shows_an_uplink_that_cannot_reach_hq(tmp_path: Path) -> None:
+    # port 9 on loopback: nothing listens, so every send fails at once and the backlog stays
+    gw = Gateway(make_config(tmp_path / "var", **{"uplink.url": "http://127.0.0.1:9", "uplink.backoff_max_s": 1}))
+    await gw.start()
+    try:
+        running = Running(gw, gw.cfg.data_dir, "")
+        password = await _user(running, "maria", "crew")
+        await running.add_device("btn-1")  # a device record for HQ: the state lane has a backlog
+        async with _signed_in(running, "maria", password) as (client, _):
+            for _ in range(200):  # the uplink's figures are a snapshot it takes every few seconds
+                part = await client.get("/dashboard?fragment=system")
+                if "last success: never" in part.text and 'class="error small"' in part.text:
+                    break
+                await asyncio.sleep(0.1)
+            assert '<b id="uplink-state">not connected</b>' in part.text
+            waiting = re.search(r"(\d+) records? waiting", part.text)
+            assert waiting is not None and int(waiting.group(1)) >= 1
+            assert 'class="error small"' in part.text  # the last error, as the uplink reports it
+    finally:
+        await gw.stop()
