@@ -153,6 +153,27 @@ async def test_traffic_stream_resumes_after_an_id(gateway: Running) -> None:
     assert [row["topic"] for kind, row in events if kind == "traffic"] == ["a/1", "a/2"]
 
 
+async def test_traffic_stream_skips_what_a_browser_cannot_show_and_says_so(gateway: Running) -> None:
+    password = await _user(gateway, "ines", "installer")
+
+    def fill(conn: Any) -> None:
+        conn.executemany(
+            "INSERT INTO traffic(ts, direction, client_id, topic, qos, retain, size, payload) VALUES (?,?,?,?,?,?,?,?)",
+            [(1000.0 + i, "in", "x", f"burst/{i}", 0, 0, 2, b"{}") for i in range(300)],
+        )
+
+    await gateway.gw.writer.run(fill)
+    async with (
+        _signed_in(gateway, "ines", password) as (client, _),
+        client.stream("GET", "/api/v1/traffic/stream", params={"topic": "burst/#", "after": 0}) as stream,
+    ):
+        lines = stream.aiter_lines()
+        events = await _sse(lines, "skipped")
+        assert events[-1] == ("skipped", {"count": 100})
+        rows = [(await _sse(lines, "traffic"))[-1][1]["topic"] for _ in range(200)]
+    assert rows == [f"burst/{i}" for i in range(100, 300)]  # the newest 200, oldest first
+
+
 async def test_crew_is_refused_traffic_and_settings_installer_is_refused_audit_and_users(gateway: Running) -> None:
     crew = await _user(gateway, "maria", "crew")
     installer = await _user(gateway, "ines", "installer")

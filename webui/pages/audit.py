@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 from litestar import get
 from litestar.response import Template
 
+from webui.auth import ADMIN
 from webui.pages.base import PAGE, Req, render
 
 __all__ = ["AuditFilter", "audit_page", "read_audit"]
@@ -112,7 +113,7 @@ def _int(value: str | None) -> int | None:
         return None
 
 
-@get("/audit", opt=PAGE("admin"))
+@get("/audit", opt=PAGE(*ADMIN))
 async def audit_page(request: Req) -> Template:
     q = request.query_params
     fields = {k: (q.get(k) or "").strip() for k in ("actor", "action", "target", "since", "until")}

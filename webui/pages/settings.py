@@ -21,11 +21,11 @@ from gateway import config
 from gateway.calls import places
 from gateway.errors import RegistryError
 from gateway.topics import valid_segment
+from webui.auth import STAFF
 from webui.pages.base import PAGE, Req, go, render
 
 __all__ = ["duty_save", "room_add", "room_change", "settings_page"]
 
-STAFF = ("admin", "installer")
 CONFIG_KEYS = (
     "calls.escalation_normal",
     "calls.escalation_urgent",

@@ -13,6 +13,7 @@ from litestar import get
 from litestar.response import Template
 
 from gateway.errors import RegistryError
+from webui.auth import STAFF
 from webui.pages.base import PAGE, Req, render
 from webui.routes.traffic_stream import check_filter, history, latest_id
 
@@ -28,7 +29,7 @@ def _before(value: str | None) -> int | None:
         return None
 
 
-@get("/traffic", opt=PAGE("admin", "installer"))
+@get("/traffic", opt=PAGE(*STAFF))
 async def traffic_page(request: Req) -> Template:
     q = request.query_params
     text = (q.get("topic") or "").strip()

@@ -15,7 +15,7 @@ from litestar.response import Redirect, Template
 from gateway.errors import Conflict, NotFound, RegistryError
 from gateway.models import ROLES
 from gateway.store import people, registry
-from webui.auth import COOKIE
+from webui.auth import ADMIN, COOKIE
 from webui.pages.base import PAGE, Req, go, render
 
 __all__ = ["user_add", "user_change", "users_page"]
@@ -65,12 +65,12 @@ def _done(what: str, **extra: str) -> Redirect:
     return go(f"/users?{urlencode({'done': what, **extra})}")
 
 
-@get("/users", opt=PAGE("admin"))
+@get("/users", opt=PAGE(*ADMIN))
 async def users_page(request: Req) -> Template:
     return await _page(request)
 
 
-@post("/users", opt=PAGE("admin"))
+@post("/users", opt=PAGE(*ADMIN))
 async def user_add(request: Req) -> Template | Redirect:
     gw = request.app.state.gateway
     form = await request.form()
@@ -86,7 +86,7 @@ async def user_add(request: Req) -> Template | Redirect:
     return _done("added", user=username)
 
 
-@post("/users/{username:str}/{what:str}", opt=PAGE("admin"))
+@post("/users/{username:str}/{what:str}", opt=PAGE(*ADMIN))
 async def user_change(request: Req, username: str, what: str) -> Template | Redirect:
     """`role` (form field role), `disabled` (form field disabled: 1 or 0) or `password` (password, repeat)."""
     gw = request.app.state.gateway
