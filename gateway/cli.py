@@ -20,6 +20,7 @@ from gateway import __version__, config
 from gateway.errors import BosunError
 from gateway.hq.cli import hq
 from gateway.models import DeviceRow
+from gateway.security_cli import security
 from gateway.store import registry
 from gateway.store.schema import connect, migrate
 
@@ -42,6 +43,7 @@ def _load(config_path: str | None, **overrides: Any) -> config.Config:
     mapping = {
         "gateway.data_dir": overrides.get("data_dir"),
         "mqtt.port": overrides.get("mqtt_port"),
+        "tls.port": overrides.get("mqtts_port"),
         "http.port": overrides.get("http_port"),
         "mqtt.bind": overrides.get("bind"),
         "http.bind": overrides.get("bind"),
@@ -81,17 +83,21 @@ def main() -> None:
 @main.command()
 @_common
 @click.option("--mqtt-port", type=int, help="MQTT port (0 picks a free one).")
+@click.option("--mqtts-port", type=int, help="MQTT over TLS port (0 picks a free one, -1 turns TLS off).")
 @click.option("--http-port", type=int, help="HTTP port (0 picks a free one).")
 @click.option("--bind", help="Address for both listeners, e.g. 127.0.0.1.")
 def run(
     config_path: str | None,
     data_dir: str | None,
     mqtt_port: int | None,
+    mqtts_port: int | None,
     http_port: int | None,
     bind: str | None,
 ) -> None:
     """Start the gateway and serve until SIGTERM or Ctrl-C."""
-    cfg = _load(config_path, data_dir=data_dir, mqtt_port=mqtt_port, http_port=http_port, bind=bind)
+    cfg = _load(
+        config_path, data_dir=data_dir, mqtt_port=mqtt_port, mqtts_port=mqtts_port, http_port=http_port, bind=bind
+    )
     from gateway import logs
 
     logs.setup(cfg.log.level, cfg.log.format)
@@ -148,6 +154,7 @@ def _banner(gw: Any) -> None:
         ]
     lines += [
         f"  MQTT   mqtt://{mhost}:{gw.mqtt_port}   (devices: bosun device add ...)",
+        *([f"  MQTTS  mqtts://{mhost}:{gw.mqtts_port}   (CA: bosun security ca)"] if gw.mqtts_port else []),
         f"  HTTP   http://{host}:{gw.http_port}   (health: /healthz, API: /api/v1, schema: /schema)",
     ]
     click.echo("\n".join(lines), err=False)
@@ -543,3 +550,4 @@ def _sim_devices(conn: sqlite3.Connection, plan: Any) -> list[tuple[DeviceRow, s
 
 
 main.add_command(hq)  # `bosun hq`: the reference HQ receiver (gateway/hq)
+main.add_command(security)  # `bosun security`: provisioning tokens, revocation, the CA (gateway/security_cli)

@@ -390,7 +390,8 @@ def _validate_security(cfg: Config) -> None:
             raise ConfigError(f"tls.{key}: expected a positive integer, got {getattr(cfg.tls, key)}")
     if cfg.tls.renew_days >= cfg.tls.server_days:
         raise ConfigError(
-            f"tls.renew_days: expected fewer days than tls.server_days ({cfg.tls.server_days}), got {cfg.tls.renew_days}"
+            f"tls.renew_days: expected fewer days than tls.server_days ({cfg.tls.server_days}), "
+            f"got {cfg.tls.renew_days}"
         )
     for key in ("token_hours", "rate_per_min"):
         if getattr(cfg.provisioning, key) <= 0:

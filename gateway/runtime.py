@@ -25,6 +25,7 @@ from gateway.broker.server import GatewayBroker, broker_config
 from gateway.calls.service import Calls
 from gateway.commands import Commands
 from gateway.config import Config
+from gateway.discovery import Advert, Discovery, interfaces_for
 from gateway.hub import Hub
 from gateway.ingest import Ingest
 from gateway.metrics import Metrics
@@ -33,6 +34,7 @@ from gateway.retention import Retention, used_bytes
 from gateway.store import registry
 from gateway.store.reader import Reader
 from gateway.store.writer import Writer
+from gateway.trust import Trust
 from gateway.uplink.worker import Uplink
 from gateway.webserver import WebServer
 
@@ -79,6 +81,8 @@ class Gateway:
         self.calls = Calls(
             cfg.calls, cfg.mqtt.root, self.writer, self.reader, self.hub, self.metrics, self.presence.is_online
         )
+        self.trust = Trust(cfg, self.reader)  # the local CA, issued certificates, security profiles
+        self.discovery: Discovery | None = None
         self.broker: GatewayBroker | None = None
         self.commands: Commands | None = None
         self.web: WebServer | None = None
@@ -118,14 +122,18 @@ class Gateway:
 
         await self.accounts.start()
         stack.push_async_callback(self.accounts.stop)
+        await self.trust.start(self.gateway_id)  # first start: creates the CA and the server certificate
+        stack.push_async_callback(self.trust.stop)
+        self.accounts.on_change(self.trust.reload)  # before the broker's own listener: revocations apply first
         await self.presence.start()
         stack.push_async_callback(self._stopped, "presence", self.presence.stop)
         await self.retention.start()
         stack.push_async_callback(self.retention.stop)
 
-        self.broker = GatewayBroker(
-            broker_config(self.cfg.mqtt), self.gate, self.ingest, self.metrics, self.cfg.mqtt, self.writer
-        )
+        listeners = broker_config(self.cfg.mqtt)
+        if self.trust.ca is not None:
+            listeners["listeners"]["tls"] = self.trust.listener(self.cfg.mqtt)
+        self.broker = GatewayBroker(listeners, self.gate, self.ingest, self.metrics, self.cfg.mqtt, self.writer)
         self.calls.attach(self.broker)
         self.ingest.calls = self.calls  # before the first PUBLISH: every press opens or joins a call
         await self.broker.start()
@@ -146,6 +154,9 @@ class Gateway:
         await self.web.start()
         stack.push_async_callback(self._stopped, "api", self.web.stop)
         self.state["api"] = "ok"
+        self.discovery = Discovery(self.cfg.discovery, interfaces_for(self.cfg.discovery, self._binds()))
+        await self.discovery.start(self._advert())  # registration goes on in the background (about 1.3 s)
+        stack.push_async_callback(self.discovery.stop)
         self.started_at = time.time()
         log.info(
             "gateway %s ready: MQTT %s:%d, HTTP %s:%d",
@@ -154,6 +165,33 @@ class Gateway:
             self.mqtt_port,
             self.cfg.http.bind,
             self.http_port,
+        )
+
+    @property
+    def mqtts_port(self) -> int | None:
+        return self.broker.port("tls") if self.broker is not None and self.trust.ca is not None else None
+
+    def _binds(self) -> list[str]:
+        return [self.cfg.mqtt.bind, self.cfg.http.bind]
+
+    def _advert(self) -> Advert:
+        from gateway.tls import host_addresses
+
+        interfaces = interfaces_for(self.cfg.discovery, self._binds())
+        if isinstance(interfaces, list):
+            addresses = [a for a in interfaces if a.count(".") == 3]
+        else:
+            addresses = sorted(a for a in host_addresses(self.cfg.tls.hostnames) if not a.startswith("127."))
+        return Advert(
+            gateway_id=self.gateway_id,
+            site=self.cfg.gateway.site,
+            version=__version__,
+            provisioning_path="/api/v1/provision",
+            ca_fingerprint=self.trust.ca.fingerprint if self.trust.ca else None,
+            addresses=tuple(addresses),
+            mqtt_port=self.mqtt_port,
+            http_port=self.http_port,
+            mqtts_port=self.mqtts_port,
         )
 
     async def _stopped(self, name: str, stop: Any) -> None:
@@ -200,6 +238,8 @@ class Gateway:
                 "stored": self.metrics.counter_values(self.metrics.stored),
             },
             "uplink": self.uplink.health(),
+            "security": self.trust.status(),
+            "discovery": self.discovery.state if self.discovery else "off",
             "process": {
                 "rss_bytes": process.memory_info().rss,
                 "cpu_seconds": round(sum(process.cpu_times()[:2]), 3),

@@ -39,6 +39,8 @@ def make_config(data_dir: Path, **extra: Any) -> config.Config:
         "mqtt.bind": "127.0.0.1",
         "http.bind": "127.0.0.1",
         "presence.check_s": 1,
+        "tls.port": 0,  # a free port for the TLS listener; tests that need mDNS turn discovery on
+        "discovery.enabled": False,
         **extra,
     }
     return config.load(None, {}, overrides)
@@ -255,6 +257,8 @@ def start_gateway(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], i
             "--data-dir",
             str(data_dir),
             "--mqtt-port",
+            "0",
+            "--mqtts-port",
             "0",
             "--http-port",
             "0",

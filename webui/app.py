@@ -20,6 +20,8 @@ from webui.routes.calls import CallController, RoomController, get_duty, put_dut
 from webui.routes.data import list_events, list_traffic
 from webui.routes.devices import DeviceController, read_command
 from webui.routes.live import live
+from webui.routes.provisioning import ProvisioningController, ca_certificate, provision, revoke_device
+from webui.routes.security import SecurityController, set_device_profile
 from webui.routes.system import healthz, metrics
 from webui.routes.traffic_stream import traffic_stream
 from webui.routes.uplink import uplink_status
@@ -42,6 +44,12 @@ def create_app(gateway: Any) -> Litestar:
             RoomController,
             get_duty,
             put_duty,
+            ProvisioningController,
+            provision,
+            ca_certificate,
+            revoke_device,
+            SecurityController,
+            set_device_profile,
             uplink_status,
             pages(),
             # the UI's own CSS, script and icon: nothing is fetched from outside the gateway

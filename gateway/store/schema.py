@@ -335,6 +335,13 @@ MIGRATIONS.append(
     """
 )
 
+MIGRATIONS.append(
+    """
+    -- seed 004's MQTTSecurityProfile.client_cert_required: a device with this profile may not log in by password
+    ALTER TABLE security_profiles ADD COLUMN client_cert_required INTEGER NOT NULL DEFAULT 0;
+    """
+)
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,0 +1,176 @@
+"""Provisioning over real HTTP: tokens and QR codes, enrolment (password), single use, expiry, rate limit, audit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import BOSUN, Paho, Running, make_config, run_cmd, topic
+
+from gateway import provisioning
+from gateway.runtime import Gateway
+from gateway.store import registry
+
+
+@pytest.fixture
+async def gw(tmp_path: Path) -> AsyncIterator[Running]:
+    cfg = make_config(tmp_path / "var", **{"provisioning.rate_per_min": 5, "provisioning.broker_host": "127.0.0.1"})
+    gateway = Gateway(cfg)
+    await gateway.start()
+    token = await gateway.writer.run(lambda c: registry.create_token(c, "admin", "tests", "test"))
+    try:
+        yield Running(gateway, cfg.data_dir, token)
+    finally:
+        await gateway.stop()
+
+
+async def new_token(gw: Running, **body: Any) -> dict[str, Any]:
+    async with gw.http() as http:
+        r = await http.post(
+            "/api/v1/provisioning/tokens", json={"site": "yacht", "room": "c101", "type": "button", **body}
+        )
+    assert r.status_code == 201, r.text
+    result: dict[str, Any] = r.json()
+    return result
+
+
+async def provision(gw: Running, **body: Any) -> Any:
+    async with gw.http(token=None) as http:
+        return await http.post("/api/v1/provision", json=body)
+
+
+async def test_token_comes_with_a_seed_004_qr_payload_and_an_svg(gw: Running) -> None:
+    created = await new_token(gw)
+    qr = created["qr"]
+    assert qr["version"] == "2.0" and qr["protocol"] == "mqtt"
+    assert qr["token"] == created["token"]
+    assert (qr["site"], qr["room"], qr["deviceType"]) == ("yacht", "c101", "button")
+    assert qr["mqttBrokerUrl"] == f"mqtts://127.0.0.1:{gw.gw.mqtts_port}"
+    assert qr["caFingerprint"] == gw.gw.trust.ca.fingerprint  # type: ignore[union-attr]
+    assert qr["provisionUrl"].endswith("/api/v1/provision")
+    assert len(qr["configurationHash"]) == 64
+    assert created["qr_svg"].startswith("<svg") and "</svg>" in created["qr_svg"]
+    stored = gw.rows("SELECT token_hash, token_id FROM provisioning_tokens")
+    assert stored == [(provisioning._hash(created["token"]), created["token_id"])]  # only the hash is kept
+    async with gw.http() as http:
+        listed = (await http.get("/api/v1/provisioning/tokens")).json()
+    assert [t["token_id"] for t in listed] == [created["token_id"]] and "token" not in listed[0]
+
+
+async def test_a_token_provisions_exactly_one_device(gw: Running, paho_clients: Callable[..., Paho]) -> None:
+    created = await new_token(gw)
+    r = await provision(gw, token=created["token"], device_id="btn-101")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["username"] == "btn-101" and len(body["password"]) >= 22
+    assert body["certificate"] is None and body["ca_certificate"].startswith("-----BEGIN CERTIFICATE-----")
+    assert body["broker"] == f"mqtts://127.0.0.1:{gw.gw.mqtts_port}"
+    assert body["brokers"]["mqtt"] == f"mqtt://127.0.0.1:{gw.mqtt_port}"
+    assert gw.rows("SELECT site, room, type FROM devices WHERE device_id = 'btn-101'") == [("yacht", "c101", "button")]
+
+    client = paho_clients(gw.mqtt_port, "btn-101", "btn-101", body["password"])
+    assert await asyncio.to_thread(client.connect) == 0
+    await asyncio.to_thread(client.publish, topic("btn-101", "status"), json.dumps({"battery": 80}))
+    assert await gw.wait_for("SELECT battery FROM devices WHERE device_id = 'btn-101' AND battery = 80")
+
+    again = await provision(gw, token=created["token"], device_id="btn-102")
+    assert again.status_code == 409
+    assert "already used" in again.json()["message"] and "btn-101" in again.json()["message"]
+    assert gw.rows("SELECT count(*) FROM devices") == [(1,)]
+
+
+async def test_concurrent_uses_of_one_token_enrol_one_device(gw: Running) -> None:
+    created = await new_token(gw)
+    replies = await asyncio.gather(*(provision(gw, token=created["token"], device_id=f"btn-{i}") for i in range(4)))
+    assert sorted(r.status_code for r in replies) == [201, 409, 409, 409]
+    assert gw.rows("SELECT count(*) FROM devices") == [(1,)]
+
+
+async def test_expired_and_unknown_tokens_are_refused_with_clear_errors(gw: Running) -> None:
+    created = await new_token(gw, ttl_hours=0.0001)  # 0.36 s
+    await asyncio.sleep(0.5)
+    r = await provision(gw, token=created["token"], device_id="btn-1")
+    assert r.status_code == 403
+    assert f"provisioning token {created['token_id']} expired at" in r.json()["message"]
+    r = await provision(gw, token="not-a-token", device_id="btn-1")
+    assert r.status_code == 403 and "unknown provisioning token" in r.json()["message"]
+    assert gw.rows("SELECT count(*) FROM devices") == [(0,)]
+
+
+async def test_a_token_bound_to_a_device_enrols_only_that_device(gw: Running) -> None:
+    created = await new_token(gw, device_id="button-a4cf12000001")
+    r = await provision(gw, token=created["token"], device_id="btn-9")
+    assert r.status_code == 403 and "is for device button-a4cf12000001" in r.json()["message"]
+    r = await provision(gw, token=created["token"], mac="A4:CF:12:00:00:01")
+    assert r.status_code == 201, r.text
+    assert r.json()["device_id"] == "button-a4cf12000001"
+
+
+async def test_attempts_are_rate_limited_per_address_and_audited(gw: Running) -> None:
+    replies = [await provision(gw, token=f"guess-{i}", device_id="btn-1") for i in range(7)]
+    assert [r.status_code for r in replies] == [403] * 5 + [429] * 2
+    assert 1 <= int(replies[-1].headers["retry-after"]) <= 61
+    assert "too many provisioning attempts" in replies[-1].json()["message"]
+    audited = gw.rows("SELECT actor, action, detail FROM audit_log WHERE action LIKE 'provision.%' ORDER BY id")
+    assert [a for _, a, _ in audited] == ["provision.refused"] * 6  # five refusals, then one row for the burst
+    assert all(actor == "address:127.0.0.1" for actor, _, _ in audited)
+    assert json.loads(audited[-1][2])["reason"] == "rate limited"
+
+
+async def test_enrolment_is_audited_with_the_token_and_address(gw: Running) -> None:
+    created = await new_token(gw)
+    assert (await provision(gw, token=created["token"], mac="a4:cf:12:00:00:02")).status_code == 201
+    rows = gw.rows("SELECT actor, target, detail FROM audit_log WHERE action = 'provision.enrolled'")
+    assert len(rows) == 1
+    actor, target, detail = rows[0]
+    assert (actor, target) == ("address:127.0.0.1", "button-a4cf12000002")
+    assert json.loads(detail)["token_id"] == created["token_id"]
+
+
+async def test_a_printable_sheet_makes_one_token_per_room(gw: Running) -> None:
+    async with gw.http() as http:
+        r = await http.post(
+            "/api/v1/provisioning/sheets", json={"site": "yacht", "type": "button", "rooms": ["c101", "c102", "c103"]}
+        )
+    assert r.status_code == 201, r.text
+    tokens = r.json()["tokens"]
+    assert [t["room"] for t in tokens] == ["c101", "c102", "c103"]
+    assert len({t["token"] for t in tokens}) == 3 and all(t["qr_svg"].startswith("<svg") for t in tokens)
+
+
+async def test_crew_may_not_create_tokens_and_nobody_needs_a_login_to_enrol(gw: Running) -> None:
+    crew = await gw.gw.writer.run(lambda c: registry.add_user(c, "deckhand", "crew", "long-password-1", "test"))
+    token = await gw.gw.writer.run(lambda c: registry.create_token(c, crew.username, None, "test"))
+    async with gw.http(token=token) as http:
+        r = await http.post("/api/v1/provisioning/tokens", json={"site": "yacht", "room": "c1", "type": "button"})
+    assert r.status_code == 403
+    async with gw.http(token=None) as http:
+        assert (await http.get("/api/v1/provisioning/tokens")).status_code == 401
+        ca = await http.get("/api/v1/provisioning/ca.pem")
+    assert ca.status_code == 200 and ca.text.startswith("-----BEGIN CERTIFICATE-----")
+
+
+async def test_cli_creates_a_token_the_api_accepts(gw: Running, tmp_path: Path) -> None:
+    svg = tmp_path / "qr.svg"
+    done = await run_cmd(
+        *BOSUN, "security", "token", "--data-dir", str(gw.data_dir), "--site", "yacht", "--room", "c7",
+        "--type", "sensor", "--svg", str(svg),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    out = done.stdout.decode()
+    secret = out.splitlines()[1].strip()
+    payload = json.loads(out[out.index("{") :])
+    assert payload["token"] == secret and payload["room"] == "c7"
+    assert svg.read_text().startswith("<?xml") or svg.read_text().startswith("<svg")
+    r = await provision(gw, token=secret, device_id="temp-7")
+    assert r.status_code == 201, r.text
+    assert r.json()["type"] == "sensor"
+    started = time.monotonic()
+    listed = await run_cmd(*BOSUN, "security", "tokens", "--all", "--data-dir", str(gw.data_dir))
+    assert "used" in listed.stdout.decode() and "temp-7" in listed.stdout.decode()
+    assert time.monotonic() - started < 20
