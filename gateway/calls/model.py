@@ -12,7 +12,8 @@ __all__ = ["CALL_COLUMNS", "ESCALATION_STATES", "Call", "Send", "call_row", "ran
 
 CALL_COLUMNS = (
     "id, device_id, site, room, priority, press_type, state, created_at, presses, last_press_at, dnd, escalation, "
-    "escalated_at, accepted_at, accepted_by, completed_at, completed_by, cancelled_at, cancelled_by, cancel_reason, zone"
+    "escalated_at, accepted_at, accepted_by, completed_at, completed_by, cancelled_at, cancelled_by, cancel_reason, "
+    "zone"
 )
 ESCALATION_STATES = ("none", "renotified", "all", "overdue")  # by tier reached: 0, 1, 2, 3
 ACTIVE = ("open", "accepted")

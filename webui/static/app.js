@@ -65,7 +65,10 @@ function refreshSoon(region) {
 
 function onEvent(kind, data) {
   for (const region of document.querySelectorAll("[data-live]")) {
-    if (region.dataset.live.split(",").includes(kind)) refreshSoon(region);
+    if (!region.dataset.live.split(",").includes(kind)) continue;
+    // a region about one device (data-device) only cares about that device's events
+    if (region.dataset.device && data.device_id && region.dataset.device !== data.device_id) continue;
+    refreshSoon(region);
   }
   if (kind === "call" && data.change === "created" && !data.dnd) {
     showBanner(`New ${data.priority} call: ${data.room} (${data.site})`, "call");
@@ -115,6 +118,12 @@ async function postInPlace(event) {
     showBanner(message, "error");
   }
   for (const region of document.querySelectorAll("[data-live]")) refresh(region);
+}
+
+// regions that change without a live-bus event (system health) refresh on a timer while the page is visible
+for (const region of document.querySelectorAll("[data-every]")) {
+  const seconds = Math.max(5, Number(region.dataset.every) || 0);
+  setInterval(() => { if (!document.hidden) refresh(region); }, seconds * 1000);
 }
 
 document.addEventListener("submit", postInPlace);
