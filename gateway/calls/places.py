@@ -74,10 +74,12 @@ def _ensure(conn: sqlite3.Connection, site: str, room: str) -> None:
 
 def update_room(conn: sqlite3.Connection, site: str, room: str, changes: dict[str, Any], actor: str) -> dict[str, Any]:
     """Name a room or put it in a zone (a label duty refers to); creates its settings row if needed."""
-    for key in ("name", "zone"):
-        value = changes.get(key)
-        if value is not None and (not isinstance(value, str) or not value.strip() or len(value) > 64):
-            raise RegistryError(f"{key} must be a non-empty string of at most 64 characters, or null")
+    name, zone = changes.get("name"), changes.get("zone")
+    if name is not None and (not isinstance(name, str) or not name.strip() or len(name) > 64):
+        raise RegistryError("name must be a non-empty string of at most 64 characters, or null")
+    if zone is not None and (not isinstance(zone, str) or not valid_segment(zone)):
+        # a zone is a label duty refers to, so it has the same form as duty's labels
+        raise RegistryError(f"zone {zone!r} must be 1-64 characters of [A-Za-z0-9_-], or null")
     _ensure(conn, site, room)
     for key in ("name", "zone"):
         if key in changes:
