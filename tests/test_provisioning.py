@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from conftest import BOSUN, Paho, Running, make_config, run_cmd, topic
 
@@ -174,3 +177,63 @@ async def test_cli_creates_a_token_the_api_accepts(gw: Running, tmp_path: Path) 
     listed = await run_cmd(*BOSUN, "security", "tokens", "--all", "--data-dir", str(gw.data_dir))
     assert "used" in listed.stdout.decode() and "temp-7" in listed.stdout.decode()
     assert time.monotonic() - started < 20
+
+
+# -- the pages ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _browser(gw: Running, role: str) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """A signed-in browser-like client and its CSRF token."""
+    password = "correct-horse-1"
+    await gw.gw.writer.run(lambda c: registry.add_user(c, f"{role}-1", role, password, "test"))
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        r = await client.post("/login", data={"username": f"{role}-1", "password": password, "next": "/calls"})
+        assert r.status_code == 303, r.text
+        page = await client.get("/calls")
+        csrf = re.search(r'name="csrf" content="([^"]+)"', page.text)
+        assert csrf is not None
+        yield client, csrf.group(1)
+
+
+async def test_installer_makes_a_qr_code_and_a_sheet_from_the_page(gw: Running) -> None:
+    async with _browser(gw, "installer") as (client, csrf):
+        page = await client.get("/provisioning")
+        assert page.status_code == 200 and 'href="/provisioning"' in page.text and "No device is waiting" in page.text
+        made = await client.post(
+            "/provisioning/token", data={"_csrf": csrf, "site": "yacht", "room": "c204", "type": "button"}
+        )
+        assert made.status_code == 201
+        assert made.text.count("<svg") == 1 and "shown only once" in made.text
+        token_id = gw.rows("SELECT token_id FROM provisioning_tokens")[0][0]
+        assert f'data-token="{token_id}"' in made.text
+        bad = await client.post(
+            "/provisioning/token", data={"_csrf": csrf, "site": "yacht", "room": "c 1", "type": "x"}
+        )
+        assert bad.status_code == 400 and "must be 1-64 characters" in bad.text
+        sheet = await client.post(
+            "/provisioning/sheet", data={"_csrf": csrf, "site": "yacht", "type": "button", "rooms": "d1, d2 d3"}
+        )
+        assert sheet.status_code == 201 and sheet.text.count("<svg") == 3 and "<b>d2</b>" in sheet.text
+        again = await client.get("/provisioning")
+        assert again.text.count('<tr data-token="') == 4 and "<svg" not in again.text  # a QR code is shown once
+
+
+async def test_security_page_simulates_and_revokes_and_crew_cannot_open_it(gw: Running) -> None:
+    created = await new_token(gw)
+    assert (await provision(gw, token=created["token"], device_id="btn-5")).status_code == 201
+    async with _browser(gw, "admin") as (client, csrf):
+        page = await client.get(
+            "/security", params={"who": "btn-5", "action": "publish", "topic": "bosun/yacht/c101/button/btn-6/press"}
+        )
+        assert page.status_code == 200 and gw.gw.trust.ca.fingerprint in page.text  # type: ignore[union-attr]
+        assert "<b>Refused</b>: devices publish only under bosun/yacht/c101/button/btn-5/" in page.text
+        revoked = await client.post("/security/revoke", data={"_csrf": csrf, "device": "btn-5", "reason": "lost"})
+        assert revoked.status_code == 303 and revoked.headers["location"].startswith("/security?done=revoked")
+        shown = await client.get(revoked.headers["location"])
+        assert "btn-5 is revoked." in shown.text and "<b>btn-5</b>" in shown.text
+        twice = await client.post("/security/revoke", data={"_csrf": csrf, "device": "btn-5"})
+        assert twice.status_code == 409 and "already revoked" in twice.text
+    async with _browser(gw, "crew") as (crew, _):
+        assert (await crew.get("/security")).status_code == 403
+        assert 'href="/provisioning"' not in (await crew.get("/calls")).text

@@ -16,6 +16,7 @@ from webui.errors import handlers
 from webui.limits import LoginLimiter
 from webui.pages import pages
 from webui.pages.base import HERE, template_config
+from webui.pages.provisioning import security_pages
 from webui.routes.calls import CallController, RoomController, get_duty, put_duty
 from webui.routes.data import list_events, list_traffic
 from webui.routes.devices import DeviceController, read_command
@@ -52,6 +53,7 @@ def create_app(gateway: Any) -> Litestar:
             set_device_profile,
             uplink_status,
             pages(),
+            security_pages(),  # provisioning and security pages (webui/pages/provisioning.py)
             # the UI's own CSS, script and icon: nothing is fetched from outside the gateway
             create_static_files_router("/static", [HERE / "static"], opt={"public": True}, include_in_schema=False),
         ],

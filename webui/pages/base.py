@@ -39,6 +39,8 @@ NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("/devices", "Devices", ANY),
     ("/traffic", "Traffic", STAFF),
     ("/settings", "Settings", STAFF),
+    ("/provisioning", "Provisioning", STAFF),
+    ("/security", "Security", STAFF),
     ("/audit", "Audit", ADMIN),
     ("/users", "Users", ADMIN),
     ("/account", "Account", ANY),
