@@ -24,11 +24,13 @@ from gateway.topics import device_prefix, valid_segment
 __all__ = [
     "Decision",
     "Profile",
+    "action_refusal",
     "assign",
     "decide",
     "delete_profile",
     "device_profiles",
     "get_profile",
+    "limits_refusal",
     "list_profiles",
     "profile_rule",
     "put_profile",
@@ -66,18 +68,30 @@ def _prefix(principal: Principal, root: str) -> str:
     return device_prefix(root, d.site, d.room, d.type, d.device_id)
 
 
-def profile_rule(profile: Profile | None, topic: str, prefix: str, qos: int, retain: bool) -> str | None:
-    """Why `profile` refuses this PUBLISH from inside the device's namespace, or None if it allows it."""
-    if profile is None:
+def action_refusal(profile: Profile | None, topic: str, prefix: str) -> str | None:
+    """Why `profile` refuses publishing to `topic` (inside the device's namespace `prefix`), or None."""
+    if profile is None or not profile.actions:
         return None
     action = topic[len(prefix) :].split("/", 1)[0]
-    if profile.actions and action not in profile.actions:
+    if action not in profile.actions:
         return f"profile {profile.name} allows publishing only {', '.join(profile.actions)} (not {action})"
+    return None
+
+
+def limits_refusal(profile: Profile | None, qos: int, retain: bool) -> str | None:
+    """Why `profile` refuses a PUBLISH with this QoS and retain flag, or None."""
+    if profile is None:
+        return None
     if qos > profile.max_qos:
         return f"profile {profile.name} allows QoS {profile.max_qos} at most (not {qos})"
     if retain and not profile.retain:
         return f"profile {profile.name} does not allow retained messages"
     return None
+
+
+def profile_rule(profile: Profile | None, topic: str, prefix: str, qos: int, retain: bool) -> str | None:
+    """Why `profile` refuses this PUBLISH from inside the device's namespace, or None if it allows it."""
+    return action_refusal(profile, topic, prefix) or limits_refusal(profile, qos, retain)
 
 
 def decide(

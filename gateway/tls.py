@@ -168,11 +168,12 @@ class LocalCA:
         key, cert = pki.issue_server(self.ca, names, addresses, self.clock(), self.cfg.server_days)
         chain = cert.public_bytes(serialization.Encoding.PEM) + self.ca.cert_pem
         _write_private(self.server_cert_path, chain + pki.key_pem(key))
+        if self.server_cert is not None:
+            self.renewals += 1
         self.server_cert = cert
         if self.context is not None:
             # load_cert_chain on the live context: handshakes from now on present the new certificate
             self.context.load_cert_chain(self.server_cert_path)
-            self.renewals += 1
         log.info("issued the server certificate (%s), valid until %s", reason, cert.not_valid_after_utc)
         return True
 

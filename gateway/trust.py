@@ -12,10 +12,12 @@ from typing import Any
 
 from gateway import pki
 from gateway.config import Config, MqttSection
-from gateway.profiles import Profile, device_profiles
+from gateway.models import Principal
+from gateway.profiles import Profile, action_refusal, device_profiles, limits_refusal
 from gateway.provisioning import RateLimiter, valid_certificates
 from gateway.store.reader import Reader
 from gateway.tls import Clock, LocalCA, utcnow
+from gateway.topics import device_prefix
 
 __all__ = ["Trust"]
 
@@ -62,6 +64,37 @@ class Trust:
 
     def profile(self, device_id: str) -> Profile | None:
         return self._snapshot.profiles.get(device_id)
+
+    # -- what the broker asks (the same rules gateway.profiles.decide reports to the ACL simulator) -----------
+
+    def _device_profile(self, principal: Principal) -> Profile | None:
+        if principal.kind != "device" or not self._snapshot.profiles:
+            return None
+        return self._snapshot.profiles.get(principal.name)
+
+    def action_allowed(self, principal: Principal, topic: str, root: str) -> bool:
+        """A device's profile allows this action (topic already inside its namespace)."""
+        profile = self._device_profile(principal)
+        if profile is None:
+            return True
+        d = principal.device
+        assert d is not None
+        return action_refusal(profile, topic, device_prefix(root, d.site, d.room, d.type, d.device_id)) is None
+
+    def within_limits(self, principal: Principal | None, qos: int, retain: bool) -> bool:
+        """A device's profile allows a PUBLISH with this QoS and retain flag."""
+        if principal is None:
+            return True
+        return limits_refusal(self._device_profile(principal), qos, retain) is None
+
+    def max_qos(self, principal: Principal | None) -> int:
+        """The highest QoS a SUBSCRIBE of this principal is granted."""
+        profile = self._device_profile(principal) if principal is not None else None
+        return 2 if profile is None else profile.max_qos
+
+    def certificate_required(self, principal: Principal) -> bool:
+        profile = self._device_profile(principal)
+        return profile is not None and profile.client_cert_required
 
     def certificate_device(self, peercert: dict[str, Any] | None) -> tuple[str | None, str | None]:
         """(device id, None) for a client certificate we issued and did not revoke; (None, reason) otherwise;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -142,3 +143,20 @@ def test_the_ca_warns_thirty_days_before_it_expires(tmp_path: Path) -> None:
     warning = ca.ca_warning()
     assert warning is not None and "29 days" in warning and "expires on 2027-02-05" in warning
     assert ca.status()["warning"] == warning
+
+
+async def test_the_renewal_loop_renews_without_anyone(tmp_path: Path) -> None:
+    clock = Clock(NOW)
+    ca = LocalCA(tmp_path, tls_section(), "gw-1", clock)
+    ca.load_or_create()
+    await ca.start(check_s=0.02)
+    try:
+        clock.now = NOW + timedelta(days=75)
+        for _ in range(250):
+            if ca.renewals:
+                break
+            await asyncio.sleep(0.02)
+        assert ca.renewals == 1
+        assert ca.server_cert is not None and ca.server_cert.not_valid_after_utc == clock.now + timedelta(days=90)
+    finally:
+        await ca.stop()

@@ -237,3 +237,36 @@ async def test_security_page_simulates_and_revokes_and_crew_cannot_open_it(gw: R
     async with _browser(gw, "crew") as (crew, _):
         assert (await crew.get("/security")).status_code == 403
         assert 'href="/provisioning"' not in (await crew.get("/calls")).text
+
+
+async def test_profiles_are_managed_by_admins_and_given_at_enrolment(gw: Running) -> None:
+    async with gw.http() as http:
+        r = await http.put("/api/v1/security/profiles/button", json={"actions": ["press", "ack"], "max_qos": 1})
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "name": "button",
+            "device_type": None,
+            "actions": ["press", "ack"],
+            "max_qos": 1,
+            "retain": True,
+            "max_connections": 1,
+            "client_cert_required": False,
+            "description": None,
+        }
+        bad = await http.put("/api/v1/security/profiles/x", json={"max_qos": 3})
+        assert bad.status_code == 400 and "max_qos must be 0, 1 or 2" in bad.json()["message"]
+        bad = await http.put("/api/v1/security/profiles/x", json={"actions": ["cmd/#"]})
+        assert bad.status_code == 400 and "one topic level" in bad.json()["message"]
+    created = await new_token(gw)  # a profile named after the device type is that type's default
+    r = await provision(gw, token=created["token"], device_id="btn-1")
+    assert r.status_code == 201 and r.json()["profile"] == "button"
+    assert gw.rows("SELECT profile FROM devices WHERE device_id = 'btn-1'") == [("button",)]
+    async with gw.http() as http:
+        in_use = await http.delete("/api/v1/security/profiles/button")
+        assert in_use.status_code == 400 and "assigned to 1 device" in in_use.json()["message"]
+        assert (await http.put("/api/v1/devices/btn-1/profile", json={"profile": None})).status_code == 200
+        assert (await http.delete("/api/v1/security/profiles/button")).status_code == 204
+        assert (await http.get("/api/v1/security/profiles")).json() == []
+        unknown = await http.put("/api/v1/devices/btn-1/profile", json={"profile": "nope"})
+        assert unknown.status_code == 404
+    assert gw.gw.trust.profile("btn-1") is None
