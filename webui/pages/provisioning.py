@@ -84,7 +84,7 @@ async def token_make(request: Req) -> Template:
         return await _provisioning(
             request, _status(exc), error=str(exc), form={"site": site, "room": room, "type": type_}
         )
-    return await _provisioning(request, 201, issued=[token_body(request, issued)])
+    return await _provisioning(request, 201, issued=[await token_body(request, issued)])
 
 
 @post("/provisioning/sheet", opt=PAGE(*STAFF))
@@ -115,7 +115,7 @@ async def sheet_make(request: Req) -> Template:
         status_code=201,
         site=site,
         type=type_,
-        sheet=[token_body(request, t) for t in issued],
+        sheet=[await token_body(request, t) for t in issued],
     )
 
 
@@ -139,7 +139,7 @@ async def adopt(request: Req, name: str) -> Template:
         )
     except RegistryError as exc:
         return await _provisioning(request, _status(exc), error=str(exc))
-    return await _provisioning(request, 201, issued=[token_body(request, issued)])
+    return await _provisioning(request, 201, issued=[await token_body(request, issued)])
 
 
 # -- security ------------------------------------------------------------------------------------------------
