@@ -135,9 +135,12 @@ class Retention:
         ).rowcount
         if deleted:
             return "traffic", deleted, 0
-        # telemetry HQ does not have: oldest first, never the batch in flight, never the newest row (its id
-        # keeps the sequence going: an emptied table would hand out ids the cursor has passed)
-        start = max(acked, self._in_flight(LANE_TELEMETRY))
+        # telemetry HQ does not have: oldest first, but never the rows the next batch may be reading (a batch is
+        # at most batch_records after the cursor; a pack that began before this transaction would send rows
+        # reported lost), nor the batch in flight, nor the newest row (its id keeps the sequence going: an
+        # emptied table would hand out ids the cursor has passed)
+        protect = self._uplink.batch_records if self._uplink.url else 0
+        start = max(acked + protect, self._in_flight(LANE_TELEMETRY))
         rows = conn.execute(
             "SELECT id FROM measurements WHERE id > ? AND id < (SELECT max(id) FROM measurements) ORDER BY id LIMIT ?",
             (start, _CHUNK),

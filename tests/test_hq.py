@@ -4,12 +4,14 @@ that name the problem and leave other gateways alone, and the read API."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgpack
@@ -29,6 +31,8 @@ class Hq:
         self.port = port
         self.extra = extra
         self.proc: subprocess.Popen[str] | None = None
+        self.scheme = "http"
+        self._reader = ""
 
     def start(self) -> Hq:
         self.proc = subprocess.Popen(
@@ -40,15 +44,16 @@ class Hq:
         lines = []
         for line in self.proc.stdout:
             lines.append(line)
-            if "listening on http://" in line:
-                self.port = int(line.split("http://", 1)[1].split(":")[1].split()[0])
+            found = re.search(r"listening on (https?)://[^:]+:(\d+)", line)
+            if found:
+                self.scheme, self.port = found.group(1), int(found.group(2))
                 threading.Thread(target=self.proc.stdout.read, daemon=True).start()
                 return self
         raise AssertionError("bosun hq did not start:\n" + "".join(lines))
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -63,6 +68,23 @@ class Hq:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def reader(self) -> str:
+        """A read-API token, made once (`bosun hq token create`)."""
+        if not self._reader:
+            self._reader = self._cli("token", "create", "--label", "tests")
+        return self._reader
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.reader()}"}
+        return httpx.get(self.url + path, params=params, headers=headers, timeout=10)
+
+    def _cli(self, *args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "gateway", "hq", "--data-dir", str(self.data_dir), *args],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return out.stdout.strip()
 
     def add_gateway(self, gateway_id: str) -> str:
         out = subprocess.run(
@@ -101,13 +123,13 @@ def test_the_same_batch_twice_is_stored_once_and_overlaps_are_trimmed(hq: Hq) ->
     # a gateway that died before moving its cursor may cut its next batch differently: only 101-150 are new
     overlap = post(hq, token, "gw-a:telemetry:51-150", telemetry("gw-a", 51, 150))
     assert overlap.json()["stored"] == 50 and overlap.json()["acked"] == 150
-    rows = httpx.get(f"{hq.url}/api/v1/gateways/gw-a/measurements", params={"limit": 1000}).json()
+    rows = hq.get("/api/v1/gateways/gw-a/measurements", params={"limit": 1000}).json()
     assert [r["value"] for r in rows] == [float(i) for i in range(1, 151)]
     assert set(rows[0]) == {"ts", "device_id", "metric", "value"}
-    only = httpx.get(f"{hq.url}/api/v1/gateways/gw-a/measurements", params={"metric": "t", "limit": 2}).json()
+    only = hq.get("/api/v1/gateways/gw-a/measurements", params={"metric": "t", "limit": 2}).json()
     assert only == [{"ts": 1001.0, "device_id": "s-1", "metric": "t", "value": 1.0},
                     {"ts": 1002.0, "device_id": "s-2", "metric": "t", "value": 2.0}]  # fmt: skip
-    (gw,) = httpx.get(f"{hq.url}/api/v1/gateways").json()
+    (gw,) = hq.get("/api/v1/gateways").json()
     assert gw["lanes"]["telemetry"]["records"] == 150 and gw["lanes"]["telemetry"]["duplicates"] == 1
 
 
@@ -124,10 +146,10 @@ def test_bad_batches_are_refused_clearly_and_other_gateways_go_on(hq: Hq) -> Non
     nokey = httpx.post(f"{hq.url}/api/v1/ingest", content=b"", headers={**CT, "Authorization": f"Bearer {bad}"})
     assert nokey.status_code == 400 and "Idempotency-Key" in nokey.json()["message"]
     assert post(hq, good, "gw-good:telemetry:1-3", telemetry("gw-good", 1, 3)).status_code == 200
-    states = {g["id"]: g for g in httpx.get(f"{hq.url}/api/v1/gateways").json()}
+    states = {g["id"]: g for g in hq.get("/api/v1/gateways").json()}
     assert "the token is 'gw-bad''s" in states["gw-bad"]["last_error"]  # the latest refusal
     assert states["gw-good"]["last_error"] is None and states["gw-good"]["lanes"]["telemetry"]["acked"] == 3
-    page = httpx.get(hq.url + "/")
+    page = hq.get("/")
     assert page.status_code == 200 and "gw-bad" in page.text and "<script" not in page.text
 
 
@@ -140,13 +162,13 @@ def test_calls_keep_their_latest_state_and_records_their_order(hq: Hq) -> None:
         (4, "loss", None, 12.0, msgpack.packb({"lane": "telemetry", "first": 1, "last": 9, "count": 9})),
     ]
     assert post(hq, token, "gw-c:priority:1-4", batch.encode_outbox("gw-c", "priority", 1, rows)).status_code == 200
-    calls = httpx.get(f"{hq.url}/api/v1/gateways/gw-c/calls").json()
+    calls = hq.get("/api/v1/gateways/gw-c/calls").json()
     assert calls == [{"id": 1, "state": "accepted"}]
-    records = httpx.get(f"{hq.url}/api/v1/gateways/gw-c/records").json()
+    records = hq.get("/api/v1/gateways/gw-c/records").json()
     assert [(r["seq"], r["kind"]) for r in records] == [(1, "call"), (2, "audit"), (3, "call"), (4, "loss")]
-    (gw,) = httpx.get(f"{hq.url}/api/v1/gateways").json()
+    (gw,) = hq.get("/api/v1/gateways").json()
     assert gw["lost"] == {"telemetry": 9}
-    assert httpx.get(f"{hq.url}/api/v1/gateways/nope/calls").status_code == 404
+    assert hq.get("/api/v1/gateways/nope/calls").status_code == 404
 
 
 def test_gateway_add_refuses_a_second_token_unless_rotated(hq: Hq) -> None:
@@ -160,3 +182,15 @@ def test_gateway_add_refuses_a_second_token_unless_rotated(hq: Hq) -> None:
     ).stdout.strip()  # fmt: skip
     assert rotated != token
     assert post(hq, rotated, "gw-r:telemetry:1-1", telemetry("gw-r", 1, 1)).status_code == 200
+
+
+def test_the_read_api_and_status_page_want_a_reader_token(hq: Hq) -> None:
+    for path in ("/api/v1/gateways", "/api/v1/gateways/x/measurements", "/"):
+        refused = httpx.get(hq.url + path)
+        assert refused.status_code == 401 and "bosun hq token create" in refused.json()["message"], path
+        wrong = httpx.get(hq.url + path, headers={"Authorization": "Bearer " + hq.add_gateway(f"g{len(path)}")})
+        assert wrong.status_code == 401, path  # a gateway's token writes, it does not read
+    assert "Basic" in httpx.get(hq.url + "/").headers["www-authenticate"]  # a browser asks for it
+    assert httpx.get(hq.url + "/", auth=("anyone", hq.reader())).status_code == 200
+    assert httpx.get(hq.url + "/healthz").status_code == 200
+    assert hq.get("/api/v1/gateways").status_code == 200

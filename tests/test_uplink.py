@@ -77,7 +77,8 @@ async def until(check: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 async def hq_get(hq: Hq, path: str, **params: Any) -> Any:
-    async with httpx.AsyncClient(base_url=hq.url, timeout=10) as http:
+    headers = {"Authorization": f"Bearer {hq.reader()}"}
+    async with httpx.AsyncClient(base_url=hq.url, timeout=10, headers=headers) as http:
         return (await http.get(path, params=params)).json()
 
 
@@ -278,3 +279,51 @@ def test_outbox_bodies_are_msgpack() -> None:
     conn.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, lane, kind, device_id, created_at, body)")
     outbox(conn, LANE_PRIORITY, "call", {"id": 1, "x": [1, 2]}, "btn")
     assert msgpack.unpackb(conn.execute("SELECT body FROM outbox").fetchone()[0]) == {"id": 1, "x": [1, 2]}
+
+
+async def test_outside_the_window_only_calls_alarms_and_audit_go(tmp_path: Path, started: Callable[..., Any]) -> None:
+    hq = Hq(tmp_path / "hq").start()
+    try:
+        token = hq.add_gateway("gw-test")
+        later = time.localtime(time.time() + 7200)
+        window = f"{later.tm_hour:02d}:00-{later.tm_hour:02d}:59"  # a window that is not now
+        gw: Gateway = await started(
+            tmp_path / "var",
+            **{"uplink.url": hq.url, "uplink.token": token, "uplink.window": window, "uplink.batch_records": 200},
+        )
+        await gw.writer.run(lambda c: fill(c, 1, 2_000, calls_every=10, state_every=7))
+
+        async def calls_done() -> bool:
+            return await hq_count(hq, "gw-test", "priority") == 201  # 200 calls + the admin's audit row
+
+        await until(calls_done, 15, "the calls")
+        await asyncio.sleep(1)
+        assert await hq_count(hq, "gw-test", "telemetry") == 0 and await hq_count(hq, "gw-test", "state") == 0
+    finally:
+        hq.stop()
+
+
+async def test_the_bandwidth_cap_spaces_batches(tmp_path: Path, started: Callable[..., Any]) -> None:
+    hq = Hq(tmp_path / "hq").start()
+    try:
+        token = hq.add_gateway("gw-test")
+        rate = 4_000
+        gw: Gateway = await started(
+            tmp_path / "var",
+            **{
+                "uplink.url": hq.url,
+                "uplink.token": token,
+                "uplink.batch_records": 500,
+                "uplink.max_bytes_per_s": rate,
+            },
+        )
+        await gw.writer.run(lambda c: fill(c, 1, 20_000))
+        await asyncio.sleep(3)
+        sent = hq_rows(hq, "SELECT sum(bytes), count(*), min(received_at), max(received_at) FROM batches")
+        total, batches, first, last = sent[0]
+        assert batches >= 3
+        # every batch but the last waited for the link to carry the ones before it
+        assert total - 2_000 <= rate * (last - first) + 2_000, (total, last - first)
+        assert gw.uplink.connected and await hq_count(hq, "gw-test", "telemetry") < 19_000  # still draining
+    finally:
+        hq.stop()

@@ -97,6 +97,11 @@ async def run(records: int, sensors: int, batch: int, workdir: Path, console: Co
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     token = added.stdout.strip()
+    reader = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "gateway", "hq", "--data-dir", str(hq_dir), "token", "create", "--label", "bench"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
     hq = Proc(
         "hq",
         [sys.executable, "-m", "gateway", "hq", "--data-dir", str(hq_dir), "--port", str(hq_port),
@@ -117,7 +122,8 @@ async def run(records: int, sensors: int, batch: int, workdir: Path, console: Co
     )
     gw: GatewayProc | None = None
     try:
-        async with httpx.AsyncClient(timeout=10) as client:
+        read_auth = {"Authorization": f"Bearer {reader.stdout.strip()}"}
+        async with httpx.AsyncClient(timeout=10, headers=read_auth) as client:
             deadline = time.monotonic() + 30
             while True:
                 try:

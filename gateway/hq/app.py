@@ -8,14 +8,17 @@ that gateway's last error, and touches nothing else: other gateways go on.
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import sqlite3
 from typing import Annotated, Any
 
 from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.params import Parameter
@@ -37,7 +40,7 @@ def _store(request: Request[Any, Any, Any]) -> HqStore:
     return store
 
 
-@post("/api/v1/ingest", summary="One batch from a gateway", status_code=200)
+@post("/api/v1/ingest", summary="One batch from a gateway", status_code=200, opt={"public": True})
 async def ingest(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     store = _store(request)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -148,7 +151,7 @@ async def gateway_records(
     ]
 
 
-@get("/healthz", summary="HQ is up")
+@get("/healthz", summary="HQ is up", opt={"public": True})
 async def healthz() -> dict[str, str]:
     return {"status": "ok", "version": __version__}
 
@@ -169,8 +172,30 @@ async def status_page(request: Request[Any, Any, Any]) -> str:
     )
 
 
+async def _reader_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """The read API and the status page want a reader token (`bosun hq token create`): as a bearer token, or as
+    the password of HTTP Basic so a browser can open the status page. Ingest checks gateway tokens itself."""
+    if handler.opt.get("public") or connection.scope["path"].startswith("/schema"):
+        return  # the OpenAPI document is public documentation
+    scheme, _, credentials = connection.headers.get("authorization", "").partition(" ")
+    token = credentials.strip()
+    if scheme.lower() == "basic":
+        try:
+            token = base64.b64decode(token, validate=True).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            token = ""
+    elif scheme.lower() != "bearer":
+        token = ""
+    store: HqStore = connection.app.state.store
+    if not token or not await store.is_reader(token):
+        raise NotAuthorizedException(
+            "a reader token is required: Authorization: Bearer <token> (bosun hq token create)",
+            headers={"WWW-Authenticate": 'Basic realm="bosun hq: any user name, a reader token as password"'},
+        )
+
+
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
-    return _error(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
 
 def create_hq_app(store: HqStore, max_batch_bytes: int) -> Litestar:
@@ -184,12 +209,16 @@ def create_hq_app(store: HqStore, max_batch_bytes: int) -> Litestar:
             healthz,
             status_page,
         ],
+        guards=[_reader_guard],
         exception_handlers={HTTPException: _http_error},
         state=State({"store": store, "max_batch_bytes": max_batch_bytes}),
         # Litestar refuses bigger bodies itself (413) before our handler reads them
         request_max_body_size=max_batch_bytes + 1,
         openapi_config=OpenAPIConfig(
-            title="Bosun HQ API", version=__version__, path="/schema", render_plugins=[JsonRenderPlugin(path=["/"])]
+            title="Bosun HQ API",
+            version=__version__,
+            path="/schema",
+            render_plugins=[JsonRenderPlugin(path=["/"])],
         ),
         logging_config=None,
         debug=False,

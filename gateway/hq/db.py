@@ -21,7 +21,16 @@ from gateway.errors import Conflict, NotFound
 from gateway.store.schema import connect
 from gateway.uplink.batch import Batch
 
-__all__ = ["add_gateway", "connect_hq", "gateway_for_token", "gateways", "ingest", "token_hash"]
+__all__ = [
+    "add_gateway",
+    "add_reader",
+    "connect_hq",
+    "gateway_for_token",
+    "gateways",
+    "ingest",
+    "is_reader",
+    "token_hash",
+]
 
 _SCHEMA = [
     "CREATE TABLE gateways (id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, created_at REAL NOT NULL, "
@@ -47,17 +56,39 @@ _SCHEMA = [
 ]
 
 
+# each entry moves HQ's schema from version i to i+1; append, never edit
+_MIGRATIONS = [
+    _SCHEMA,
+    # people and tools that read the API (the gateways' tokens only write)
+    ["CREATE TABLE readers (token_hash TEXT PRIMARY KEY, label TEXT NOT NULL, created_at REAL NOT NULL)"],
+]
+
+
 def connect_hq(path: Any, readonly: bool = False) -> sqlite3.Connection:
-    """Open (and on first use create) HQ's database; WAL like the gateway's."""
+    """Open (and on first use create or upgrade) HQ's database; WAL like the gateway's."""
     conn = connect(path, readonly=readonly, synchronous="NORMAL")
-    if not readonly and conn.execute("PRAGMA user_version").fetchone()[0] == 0:
+    if not readonly and conn.execute("PRAGMA user_version").fetchone()[0] < len(_MIGRATIONS):
         conn.execute("BEGIN IMMEDIATE")
-        if conn.execute("PRAGMA user_version").fetchone()[0] == 0:
-            for statement in _SCHEMA:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]  # again, inside the lock
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
                 conn.execute(statement)
-            conn.execute("PRAGMA user_version = 1")
+        conn.execute(f"PRAGMA user_version = {len(_MIGRATIONS)}")
         conn.execute("COMMIT")
     return conn
+
+
+def add_reader(conn: sqlite3.Connection, label: str) -> str:
+    """A token for the read API (shown once)."""
+    token = secrets.token_urlsafe(32)
+    conn.execute(
+        "INSERT INTO readers(token_hash, label, created_at) VALUES (?, ?, ?)", (token_hash(token), label, time.time())
+    )
+    return token
+
+
+def is_reader(conn: sqlite3.Connection, token: str) -> bool:
+    return conn.execute("SELECT 1 FROM readers WHERE token_hash = ?", (token_hash(token),)).fetchone() is not None
 
 
 def token_hash(token: str) -> str:

@@ -31,6 +31,7 @@ class HqStore:
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._tokens: dict[str, str] = {}
+        self._readers: set[str] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -58,6 +59,14 @@ class HqStore:
             found = await self.read(lambda c: db.gateway_for_token(c, token))
             if found is not None:
                 self._tokens[token] = found
+        return found
+
+    async def is_reader(self, token: str) -> bool:
+        if token in self._readers:
+            return True
+        found = await self.read(lambda c: db.is_reader(c, token))
+        if found:
+            self._readers.add(token)
         return found
 
     async def ingest(self, gateway_id: str, key: str, payload: bytes) -> dict[str, Any]:

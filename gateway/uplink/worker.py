@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,12 +36,13 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 0.5
 _STATUS_S = 5.0
 _RUNWAY_WINDOW_S = 120.0
+PACKING = sys.maxsize  # in_flight while a batch is being read: its last sequence is not known yet
 
 
 @dataclass
 class LaneState:
     stopped: str | None = None  # a refusal's message: the lane sends nothing until restart
-    in_flight: int = 0  # last sequence of the batch being sent (retention leaves those rows alone)
+    in_flight: int = 0  # last sequence of the batch being sent, PACKING while one is read (retention waits)
     wire_per_record: float = 0.0
 
 
@@ -140,9 +142,14 @@ class Uplink:
         while True:
             packed = None
             for lane in self._eligible():
-                packed = await self._reader.call(
-                    lambda c, lane=lane: source.pack_next(c, self.gateway_id, lane, self._cfg.batch_records)  # type: ignore[misc]
-                )
+                # set before the read: retention must not evict rows that this batch may be reading right now
+                self.lanes[lane].in_flight = PACKING
+                try:
+                    packed = await self._reader.call(
+                        lambda c, lane=lane: source.pack_next(c, self.gateway_id, lane, self._cfg.batch_records)  # type: ignore[misc]
+                    )
+                finally:
+                    self.lanes[lane].in_flight = packed.last if packed is not None else 0
                 if packed is not None:
                     break
             if packed is None:
