@@ -93,7 +93,7 @@ class Metrics:
         )
         self.uplink_connected = Gauge("bosun_uplink_connected", "1 when the last send reached HQ", registry=r)
         self.uplink_errors = Counter(
-            "bosun_uplink_errors", "Failed sends: transient, retry_after (429/503), refused", ["kind"], registry=r
+            "bosun_uplink_errors", "Failed sends: transient, retry_after, refused, store", ["kind"], registry=r
         )
         self.uplink_lost = Gauge(
             "bosun_uplink_lost_records",

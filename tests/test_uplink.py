@@ -327,3 +327,66 @@ async def test_the_bandwidth_cap_spaces_batches(tmp_path: Path, started: Callabl
         assert gw.uplink.connected and await hq_count(hq, "gw-test", "telemetry") < 19_000  # still draining
     finally:
         hq.stop()
+
+
+async def test_a_real_press_presence_and_telemetry_reach_hq_through_their_lanes(
+    tmp_path: Path, started: Callable[..., Any], paho_clients: Callable[..., Any]
+) -> None:
+    hq = Hq(tmp_path / "hq").start()
+    try:
+        token = hq.add_gateway("gw-test")
+        gw: Gateway = await started(tmp_path / "var", **{"uplink.url": hq.url, "uplink.token": token})
+        passwords = {}
+        for device, kind in (("btn-1", "button"), ("sensor-1", "sensor")):
+            new = registry.NewDevice(device, "yacht", "c101", kind)
+            _, passwords[device] = await gw.writer.run(lambda c, n=new: registry.add_device(c, n, "test"))  # type: ignore[misc]
+        await gw.accounts.refresh()
+        button = paho_clients(gw.mqtt_port, "btn-1", "btn-1", passwords["btn-1"])
+        sensor = paho_clients(gw.mqtt_port, "sensor-1", "sensor-1", passwords["sensor-1"])
+        for client in (button, sensor):
+            await asyncio.to_thread(client.connect)
+        await asyncio.to_thread(button.publish, "bosun/yacht/c101/button/btn-1/availability", "online", 1, True)
+        await asyncio.to_thread(button.publish, "bosun/yacht/c101/button/btn-1/press", '{"sequence_id": 1}')
+        await asyncio.to_thread(
+            sensor.publish, "bosun/yacht/c101/sensor/sensor-1/telemetry", '{"temperature": 21.5, "humidity": 48}'
+        )
+
+        async def arrived() -> bool:
+            calls = await hq_get(hq, "/api/v1/gateways/gw-test/calls")
+            rows = await hq_get(hq, "/api/v1/gateways/gw-test/measurements", device_id="sensor-1")
+            return bool(calls) and len(rows) == 2
+
+        await until(arrived, 15, "the call and the measurements at HQ")
+        (call,) = await hq_get(hq, "/api/v1/gateways/gw-test/calls")
+        assert (call["device_id"], call["room"], call["state"]) == ("btn-1", "c101", "open")
+        rows = await hq_get(hq, "/api/v1/gateways/gw-test/measurements", device_id="sensor-1")
+        assert sorted((r["metric"], r["value"]) for r in rows) == [("humidity", 48.0), ("temperature", 21.5)]
+        records = await hq_get(hq, "/api/v1/gateways/gw-test/records")
+        kinds = {(r["lane"], r["kind"]) for r in records}
+        # the press's call and audit rows, the devices added and the button coming online (presence)
+        assert {("priority", "call"), ("priority", "audit"), ("state", "device"), ("state", "event")} <= kinds
+        presence = [r["body"] for r in records if r["kind"] == "event"]
+        assert any(p.get("type") == "presence" and p.get("online") for p in presence)
+    finally:
+        hq.stop()
+
+
+async def test_the_runway_shrinks_as_the_database_grows_and_grows_when_hq_has_the_data(
+    tmp_path: Path, started: Callable[..., Any]
+) -> None:
+    gw: Gateway = await started(tmp_path / "var", **{"store.max_db_mb": 64})
+    first = await gw.uplink.refresh()
+    assert first.runway_s is None  # not growing yet
+    rows = [("s1", "t", float(i), float(i)) for i in range(100_000)]
+    await gw.writer.run(
+        lambda c: c.executemany("INSERT INTO measurements(device_id, metric, ts, value) VALUES (?,?,?,?)", rows)
+    )
+    await asyncio.sleep(0.5)
+    grown = await gw.uplink.refresh()
+    assert grown.runway_s is not None and grown.inflow_bytes_per_s > 0
+    assert grown.runway_s == pytest.approx((64 * 1024 * 1024 - grown.used_bytes) / grown.inflow_bytes_per_s, rel=0.01)
+    # once HQ has it all, retention may delete it first: the runway is longer at the same rate
+    await gw.writer.run(lambda c: c.execute("UPDATE uplink_lanes SET acked = 100000 WHERE lane = 'telemetry'"))
+    synced = await gw.uplink.refresh()
+    assert synced.runway_s is not None and synced.runway_s > grown.runway_s
+    assert gw.health()["uplink"]["runway_s"] == round(synced.runway_s)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import StoreSection, UplinkSection
+from gateway.errors import StoreError
 from gateway.metrics import Metrics
 from gateway.retention import used_bytes
 from gateway.store.reader import Reader
@@ -140,23 +142,35 @@ class Uplink:
 
     async def _run(self) -> None:
         while True:
-            packed = None
-            for lane in self._eligible():
-                # set before the read: retention must not evict rows that this batch may be reading right now
-                self.lanes[lane].in_flight = PACKING
-                try:
-                    packed = await self._reader.call(
-                        lambda c, lane=lane: source.pack_next(c, self.gateway_id, lane, self._cfg.batch_records)  # type: ignore[misc]
-                    )
-                finally:
-                    self.lanes[lane].in_flight = packed.last if packed is not None else 0
-                if packed is not None:
-                    break
-            if packed is None:
-                # polled: new rows come from the writer and the bulk child, which know nothing of the uplink
-                await asyncio.sleep(_IDLE_POLL_S)
-                continue
-            await self._send(packed)
+            try:
+                await self._turn()
+            except (sqlite3.Error, StoreError) as exc:
+                # the database refused a read or the cursor's write: nothing was acknowledged, so the same batch
+                # goes again after a pause; the loop must outlive it
+                self.last_error = f"database: {exc}"
+                self._metrics.uplink_errors.labels("store").inc()
+                log.error("uplink: %s; retrying in %d s", self.last_error, _IDLE_POLL_S * 10)
+                await asyncio.sleep(_IDLE_POLL_S * 10)
+
+    async def _turn(self) -> None:
+        """One batch from the first lane that has one, or a short idle wait."""
+        packed = None
+        for lane in self._eligible():
+            # set before the read: retention must not evict rows that this batch may be reading right now
+            self.lanes[lane].in_flight = PACKING
+            try:
+                packed = await self._reader.call(
+                    lambda c, lane=lane: source.pack_next(c, self.gateway_id, lane, self._cfg.batch_records)  # type: ignore[misc]
+                )
+            finally:
+                self.lanes[lane].in_flight = packed.last if packed is not None else 0
+            if packed is not None:
+                break
+        if packed is None:
+            # polled: new rows come from the writer and the bulk child, which know nothing of the uplink
+            await asyncio.sleep(_IDLE_POLL_S)
+            return
+        await self._send(packed)
 
     async def _send(self, packed: source.Packed) -> None:
         assert self._sink is not None
