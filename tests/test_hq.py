@@ -194,3 +194,15 @@ def test_the_read_api_and_status_page_want_a_reader_token(hq: Hq) -> None:
     assert httpx.get(hq.url + "/", auth=("anyone", hq.reader())).status_code == 200
     assert httpx.get(hq.url + "/healthz").status_code == 200
     assert hq.get("/api/v1/gateways").status_code == 200
+
+
+def test_a_gateway_id_sending_from_a_new_database_is_refused_not_mistaken_for_duplicates(hq: Hq) -> None:
+    token = hq.add_gateway("gw-e")
+    rows = [(1, "d", "m", 1.0, 1.0)]
+    assert post(hq, token, "gw-e:telemetry:1-1", batch.encode_telemetry("gw-e", 1, rows, "aaaa")).status_code == 200
+    again = post(hq, token, "gw-e:telemetry:1-1", batch.encode_telemetry("gw-e", 1, rows, "bbbb"))
+    assert again.status_code == 409 and "another database" in again.json()["message"]
+    assert "another database" in hq.get("/api/v1/gateways").json()[0]["last_error"]
+    # the same database goes on as before
+    more = [(2, "d", "m", 2.0, 2.0)]
+    assert post(hq, token, "gw-e:telemetry:2-2", batch.encode_telemetry("gw-e", 2, more, "aaaa")).json()["stored"] == 1

@@ -390,3 +390,20 @@ async def test_the_runway_shrinks_as_the_database_grows_and_grows_when_hq_has_th
     synced = await gw.uplink.refresh()
     assert synced.runway_s is not None and synced.runway_s > grown.runway_s
     assert gw.health()["uplink"]["runway_s"] == round(synced.runway_s)
+
+
+async def test_a_second_box_under_the_same_gateway_id_is_stopped_with_a_clear_error(
+    tmp_path: Path, started: Callable[..., Any]
+) -> None:
+    hq = Hq(tmp_path / "hq").start()
+    try:
+        token = hq.add_gateway("gw-test")
+        first: Gateway = await started(tmp_path / "one", **{"uplink.url": hq.url, "uplink.token": token})
+        await until(lambda: first.uplink.last_success, 10, "the first box's audit row")
+        # a replaced SD card, same configured id and token: its seq 1 must not be taken for the first box's
+        second: Gateway = await started(tmp_path / "two", **{"uplink.url": hq.url, "uplink.token": token})
+        await until(lambda: second.uplink.lanes["priority"].stopped, 10, "the second box's lane to stop")
+        assert "409" in (second.uplink.lanes["priority"].stopped or "")
+        assert "another database" in (second.health()["uplink"]["last_error"] or "")
+    finally:
+        hq.stop()

@@ -94,6 +94,13 @@ def test_a_bad_batch_is_refused_with_what_is_wrong(data: bytes, message: str) ->
         batch.decode(data, max_bytes=1_000_000)
 
 
+def test_the_epoch_travels_with_the_batch() -> None:
+    assert batch.decode(batch.encode_telemetry("g", 1, ROWS, "e1")).epoch == "e1"
+    assert batch.decode(batch.encode_outbox("g", "state", 1, [], "e2")).epoch == "e2"
+    legacy = {k: v for k, v in GOOD.items() if k != "epoch"}
+    assert batch.decode(_raw(legacy)).epoch == ""
+
+
 def test_idempotency_key_names_gateway_lane_and_range() -> None:
     assert batch.idempotency_key("gw-1", "state", 5, 9) == "gw-1:state:5-9"
 

@@ -63,6 +63,8 @@ async def ingest(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         answer = await store.ingest(gateway_id, key, payload)
     except WrongGateway as exc:
         return _error(403, str(exc))
+    except db.EpochChanged as exc:
+        return _error(409, str(exc))
     except BatchError as exc:
         return _error(400, f"batch refused: {exc}")
     return Response(answer, status_code=200)

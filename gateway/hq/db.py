@@ -61,7 +61,13 @@ _MIGRATIONS = [
     _SCHEMA,
     # people and tools that read the API (the gateways' tokens only write)
     ["CREATE TABLE readers (token_hash TEXT PRIMARY KEY, label TEXT NOT NULL, created_at REAL NOT NULL)"],
+    # the epoch of the database a gateway sends from (batch "epoch"): set by its first batch
+    ["ALTER TABLE gateways ADD COLUMN epoch TEXT"],
 ]
+
+
+class EpochChanged(Exception):
+    """A gateway id sends from another database than before: its sequences restarted (HQ answers 409)."""
 
 
 def connect_hq(path: Any, readonly: bool = False) -> sqlite3.Connection:
@@ -129,6 +135,17 @@ def ingest(conn: sqlite3.Connection, key: str, batch: Batch, nbytes: int) -> dic
     """Store one batch (the caller holds the transaction); the answer names the lane's highest stored seq."""
     now = time.time()
     gw, lane = batch.gateway_id, batch.lane
+    known = conn.execute("SELECT epoch FROM gateways WHERE id = ?", (gw,)).fetchone()
+    if batch.epoch and known and known[0] and known[0] != batch.epoch:
+        # a replaced SD card or a re-flashed box under the same id: its seq 1 is not the seq 1 HQ has, and taking
+        # it for a duplicate would drop it silently
+        raise EpochChanged(
+            f"gateway {gw} now sends from another database (epoch {batch.epoch}, HQ has {known[0]}): its sequences "
+            "started again, so HQ cannot tell new records from old ones; register this box under a new gateway id "
+            "(bosun hq gateway add NEW_ID, then [gateway] id and [uplink] token) or restore its database"
+        )
+    if batch.epoch and known and not known[0]:
+        conn.execute("UPDATE gateways SET epoch = ? WHERE id = ?", (batch.epoch, gw))
     conn.execute("UPDATE gateways SET last_seen = ? WHERE id = ?", (now, gw))
     conn.execute("INSERT OR IGNORE INTO lanes(gateway_id, lane) VALUES (?, ?)", (gw, lane))
     acked = conn.execute("SELECT acked FROM lanes WHERE gateway_id = ? AND lane = ?", (gw, lane)).fetchone()[0]

@@ -70,7 +70,8 @@ class HqStore:
         return found
 
     async def ingest(self, gateway_id: str, key: str, payload: bytes) -> dict[str, Any]:
-        """Decode and store one batch on the writer thread; BatchError or WrongGateway when it is refused."""
+        """Decode and store one batch on the writer thread; BatchError, WrongGateway or EpochChanged when it is
+        refused."""
         return await asyncio.get_running_loop().run_in_executor(self._write, self._ingest, gateway_id, key, payload)
 
     def _ingest(self, gateway_id: str, key: str, payload: bytes) -> dict[str, Any]:
@@ -88,6 +89,10 @@ class HqStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             answer = db.ingest(conn, key, batch, len(payload))
+        except db.EpochChanged as exc:
+            conn.execute("ROLLBACK")
+            self._note(gateway_id, str(exc))
+            raise
         except BaseException:
             conn.execute("ROLLBACK")
             raise

@@ -342,6 +342,14 @@ MIGRATIONS.append(
     """
 )
 
+MIGRATIONS.append(
+    """
+    -- uplink: this database's epoch, sent in every batch; HQ refuses a gateway id whose database was replaced
+    -- (its sequences start again at 1 and would otherwise be taken for records HQ already has)
+    INSERT OR IGNORE INTO meta(key, value) VALUES ('uplink_epoch', lower(hex(randomblob(8))));
+    """
+)
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

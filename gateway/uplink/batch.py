@@ -2,7 +2,7 @@
 
 A batch is one lane's records with consecutive sequence numbers, as a zlib-compressed msgpack map:
 
-    {"v": 1, "gw": gateway id, "lane": lane, "first": seq, "last": seq, "n": records,
+    {"v": 1, "gw": gateway id, "epoch": database epoch, "lane": lane, "first": seq, "last": seq, "n": records,
      "seq": [first seq, delta, delta, ...], ...columns}
 
 Columns are what makes a telemetry record small on the wire (issue 6: at most 20 bytes): device ids and
@@ -13,7 +13,8 @@ most 6 decimals (`val`, `scale`; JSON numbers from devices nearly always do), el
 msgpack body as stored, so the gateway never decodes it.
 
 `first` is where the batch starts in the lane's sequence, not the first record's own seq: a gap between
-them is records evicted before they were sent (reported by a `loss` record in the priority lane).
+them is records evicted before they were sent (reported by a `loss` record in the priority lane). `epoch` is
+random per gateway database: sequences are only comparable within one epoch.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class OutboxRecord:
 @dataclass(frozen=True)
 class Batch:
     gateway_id: str
+    epoch: str
     lane: str
     first: int
     last: int
@@ -117,7 +119,9 @@ def _pack(head: dict[str, Any]) -> bytes:
     return zlib.compress(msgpack.packb(head, use_bin_type=True), _LEVEL)
 
 
-def encode_telemetry(gateway_id: str, first: int, rows: list[tuple[int, str, str, float, float | None]]) -> bytes:
+def encode_telemetry(
+    gateway_id: str, first: int, rows: list[tuple[int, str, str, float, float | None]], epoch: str = ""
+) -> bytes:
     """Measurement rows (id, device_id, metric, ts, value) in id order -> a compressed batch."""
     seqs = [r[0] for r in rows]
     devs, dev = _dictionary([r[1] for r in rows])
@@ -127,6 +131,7 @@ def encode_telemetry(gateway_id: str, first: int, rows: list[tuple[int, str, str
     head: dict[str, Any] = {
         "v": FORMAT,
         "gw": gateway_id,
+        "epoch": epoch,
         "lane": "telemetry",
         "first": first,
         "last": seqs[-1] if seqs else first - 1,
@@ -144,7 +149,7 @@ def encode_telemetry(gateway_id: str, first: int, rows: list[tuple[int, str, str
 
 
 def encode_outbox(
-    gateway_id: str, lane: str, first: int, rows: list[tuple[int, str, str | None, float, bytes]]
+    gateway_id: str, lane: str, first: int, rows: list[tuple[int, str, str | None, float, bytes]], epoch: str = ""
 ) -> bytes:
     """Outbox rows (seq, kind, device_id, created_at, body) in seq order -> a compressed batch."""
     seqs = [r[0] for r in rows]
@@ -153,6 +158,7 @@ def encode_outbox(
     head: dict[str, Any] = {
         "v": FORMAT,
         "gw": gateway_id,
+        "epoch": epoch,
         "lane": lane,
         "first": first,
         "last": seqs[-1] if seqs else first - 1,
@@ -194,8 +200,9 @@ def _decode(head: Any, max_records: int) -> Batch:
     if head.get("v") != FORMAT:
         raise BatchError(f"batch format {head.get('v')!r} is not supported (expected {FORMAT})")
     gateway_id, lane, first, last, n = head["gw"], head["lane"], head["first"], head["last"], head["n"]
-    if not (isinstance(gateway_id, str) and isinstance(lane, str)):
-        raise BatchError("batch gw and lane must be strings")
+    epoch = head.get("epoch", "")
+    if not (isinstance(gateway_id, str) and isinstance(lane, str) and isinstance(epoch, str)):
+        raise BatchError("batch gw, epoch and lane must be strings")
     if not all(isinstance(x, int) for x in (first, last, n)) or n < 0 or n > max_records:
         raise BatchError(f"batch counts are invalid (n={n!r}, at most {max_records})")
     seqs = _undelta(head["seq"])
@@ -222,11 +229,11 @@ def _decode(head: Any, max_records: int) -> Batch:
             )
             for i in range(n)
         ]
-        return Batch(gateway_id, lane, first, last, measurements, [])
+        return Batch(gateway_id, epoch, lane, first, last, measurements, [])
     kinds, kind, at, body = head["kinds"], head["kind"], _undelta(head["at"]), head["body"]
     if not (len(kind) == len(at) == len(body) == n):
         raise BatchError("batch columns differ in length")
     records = [
         OutboxRecord(seqs[i], str(kinds[kind[i]]), devs[dev[i]], at[i] / 1_000_000, bytes(body[i])) for i in range(n)
     ]
-    return Batch(gateway_id, lane, first, last, [], records)
+    return Batch(gateway_id, epoch, lane, first, last, [], records)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from gateway.store.records import LANE_TELEMETRY, LANES
 from gateway.uplink import batch
 
-__all__ = ["Backlog", "Packed", "acknowledge", "backlog", "cursors", "pack_next"]
+__all__ = ["Backlog", "Packed", "acknowledge", "backlog", "cursors", "epoch", "pack_next"]
 
 _OUTBOX_BYTES = 4 * 1024 * 1024  # most body bytes in one outbox batch (bodies can be up to a payload each)
 
@@ -36,7 +36,12 @@ def cursors(conn: sqlite3.Connection) -> dict[str, int]:
     return {lane: acked for lane, acked in conn.execute("SELECT lane, acked FROM uplink_lanes")}
 
 
-def pack_next(conn: sqlite3.Connection, gateway_id: str, lane: str, limit: int) -> Packed | None:
+def epoch(conn: sqlite3.Connection) -> str:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'uplink_epoch'").fetchone()
+    return str(row[0]) if row else ""
+
+
+def pack_next(conn: sqlite3.Connection, gateway_id: str, lane: str, limit: int, epoch: str = "") -> Packed | None:
     """The next batch of `lane` after its cursor, encoded (runs on the reader thread, off the event loop)."""
     row = conn.execute("SELECT acked FROM uplink_lanes WHERE lane = ?", (lane,)).fetchone()
     acked = int(row[0]) if row else 0
@@ -47,7 +52,7 @@ def pack_next(conn: sqlite3.Connection, gateway_id: str, lane: str, limit: int) 
         ).fetchall()
         if not rows:
             return None
-        payload = batch.encode_telemetry(gateway_id, acked + 1, rows)
+        payload = batch.encode_telemetry(gateway_id, acked + 1, rows, epoch)
     else:
         rows = []
         size = 0
@@ -61,7 +66,7 @@ def pack_next(conn: sqlite3.Connection, gateway_id: str, lane: str, limit: int) 
             rows.append(r)
         if not rows:
             return None
-        payload = batch.encode_outbox(gateway_id, lane, acked + 1, rows)
+        payload = batch.encode_outbox(gateway_id, lane, acked + 1, rows, epoch)
     last = int(rows[-1][0])
     return Packed(lane, acked + 1, last, len(rows), batch.idempotency_key(gateway_id, lane, acked + 1, last), payload)
 

@@ -89,6 +89,7 @@ class Uplink:
         self._samples: collections.deque[_Sample] = collections.deque()
         self._sends: collections.deque[tuple[float, int]] = collections.deque()
         self.gateway_id = ""
+        self.epoch = ""
         self.lanes = {lane: LaneState() for lane in LANES}
         self.connected = False
         self.failures = 0  # failed sends in a row
@@ -108,6 +109,7 @@ class Uplink:
     async def start(self, gateway_id: str, sink: Sink | None = None) -> None:
         self.gateway_id = gateway_id
         await self._reader.start()
+        self.epoch = await self._reader.call(source.epoch)
         await self.refresh()
         self._tasks.append(asyncio.create_task(self._status_loop(), name="bosun-uplink-status"))
         if self.enabled:
@@ -160,7 +162,9 @@ class Uplink:
             self.lanes[lane].in_flight = PACKING
             try:
                 packed = await self._reader.call(
-                    lambda c, lane=lane: source.pack_next(c, self.gateway_id, lane, self._cfg.batch_records)  # type: ignore[misc]
+                    lambda c, lane=lane: source.pack_next(  # type: ignore[misc]
+                        c, self.gateway_id, lane, self._cfg.batch_records, self.epoch
+                    )
                 )
             finally:
                 self.lanes[lane].in_flight = packed.last if packed is not None else 0
