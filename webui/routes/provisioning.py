@@ -250,6 +250,7 @@ async def ca_certificate(request: Request[Any, Any, Any]) -> str:
 @post(
     "/api/v1/devices/{device_id:str}/revoke",
     opt={"roles": STAFF},
+    status_code=200,
     tags=["devices"],
     summary="Revoke a device: disconnected now; its password and certificates are refused from then on",
 )
