@@ -42,6 +42,7 @@ class Trust:
         self.ca: LocalCA | None = None
         self.limiter = RateLimiter(cfg.provisioning.rate_per_min)
         self._snapshot = _Snapshot({}, {})
+        self.profiled = False
 
     @property
     def tls_on(self) -> bool:
@@ -61,6 +62,7 @@ class Trust:
 
     async def reload(self) -> None:
         self._snapshot = await self._reader.call(_load)
+        self.profiled = bool(self._snapshot.profiles)  # the broker's fast path skips profile checks when none
 
     def profile(self, device_id: str) -> Profile | None:
         return self._snapshot.profiles.get(device_id)
