@@ -22,6 +22,8 @@ from gateway.store.writer import Writer
 
 __all__ = ["Presence"]
 
+_LAST_SEEN_SQL = "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE device_id = ?"
+
 log = logging.getLogger(__name__)
 
 
@@ -156,9 +158,16 @@ class Presence:
         await (await self._flush_last_seen())
 
     async def _flush_last_seen(self) -> asyncio.Future[Any]:
-        """Queue one batched UPDATE of the last_seen values gathered since the previous flush."""
+        """Queue the last_seen values gathered since the previous flush as bulk rows (one executemany in the
+        writer's next bulk group, in the writer process when there is one): a thousand devices' UPDATE as an op
+        would hold the writer thread, and the GIL, for a round trip per row. Monotonic, so a transition's
+        newer last_seen is never overwritten by an older flush."""
         rows = [(self._last_seen[d], d) for d in self._dirty if d in self._last_seen]
         self._dirty.clear()
-        return await self._writer.enqueue(
-            lambda c: c.executemany("UPDATE devices SET last_seen = ? WHERE device_id = ?", rows) and None
-        )
+        future: asyncio.Future[Any] | None = None
+        for row in rows:
+            future = self._writer.append(_LAST_SEEN_SQL, row)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+        return future

@@ -143,6 +143,8 @@ class GatewayProc(Proc):
             str(self.mqtt_port),
             "--http-port",
             str(self.http_port),
+            "--mqtts-port",
+            "-1",  # the benchmark speaks plain MQTT; a TLS listener on 8883 would clash with any other gateway
             "--bind",
             "127.0.0.1",
         ]
