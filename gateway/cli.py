@@ -379,7 +379,13 @@ def config_show(config_path: str | None, data_dir: str | None) -> None:
     cfg = _load(config_path, data_dir=data_dir)
     for env, dotted, _default, help_text in config.describe():
         section, key = dotted.split(".")
-        click.echo(f"{dotted} = {getattr(getattr(cfg, section), key)!r}    [{env}] {help_text}")
+        value = getattr(getattr(cfg, section), key)
+        if key in _SECRET_KEYS and value:
+            value = "<set, not shown>"  # the output ends up in tickets and chat logs
+        click.echo(f"{dotted} = {value!r}    [{env}] {help_text}")
+
+
+_SECRET_KEYS = {"token", "password", "secret"}
 
 
 def _delay_range(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, float]:

@@ -825,3 +825,11 @@ async def test_import_while_running_and_imported_devices_connect(
     assert await asyncio.to_thread(one.connect) == 0
     chosen = paho_clients(gateway.mqtt_port, "dev-00000", "dev-00000", f"{A_STRONG_PASSWORD}00000")
     assert await asyncio.to_thread(chosen.connect) == 0
+
+
+def test_config_show_hides_secrets(tmp_path: Path) -> None:
+    shown = bosun(tmp_path, "config", "show", env={"BOSUN_UPLINK_TOKEN": "hq-secret-token-123"})
+    assert shown.returncode == 0, shown.stderr
+    assert "hq-secret-token-123" not in shown.stdout
+    assert "uplink.token = '<set, not shown>'" in shown.stdout
+    assert "uplink.url = ''" in shown.stdout  # other values are shown as they are
