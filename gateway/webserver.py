@@ -21,7 +21,11 @@ class _Server(uvicorn.Server):
 
 
 class WebServer:
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    """`tls`: uvicorn's ssl_* settings (certificate, key, client CA for mutual TLS), or nothing for plain HTTP."""
+
+    def __init__(
+        self, app: Any, host: str, port: int, tls: dict[str, Any] | None = None, name: str = "bosun-http"
+    ) -> None:
         config = uvicorn.Config(
             app,
             host=host,
@@ -31,16 +35,19 @@ class WebServer:
             lifespan="on",
             timeout_graceful_shutdown=2,
             server_header=False,
+            **(tls or {}),
         )
+        self.scheme = "https" if tls else "http"
+        self._name = name
         self._server = _Server(config)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._server.serve(), name="bosun-http")
+        self._task = asyncio.create_task(self._server.serve(), name=self._name)
         while not self._server.started:
             if self._task.done():
-                self._task.result()  # raises the bind error
-                raise RuntimeError("HTTP server stopped during start-up")
+                self._task.result()  # raises the bind or certificate error
+                raise RuntimeError("HTTP server stopped during start-up (see the log above)")
             await asyncio.sleep(0.01)
 
     @property

@@ -62,7 +62,7 @@ def hq(
         import uvloop
 
         uvloop.run(_serve(Path(data_dir), bind, port, max_batch_mb * 1024 * 1024, (tls_cert, tls_key, client_ca)))
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ssl.SSLError, RuntimeError) as exc:
         raise click.ClickException(f"cannot start: {exc}") from None
 
 
