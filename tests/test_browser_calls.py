@@ -52,3 +52,16 @@ async def test_a_press_appears_live_and_an_accept_reaches_every_browser(gateway:
             await expect(page.locator(".empty")).to_be_visible(timeout=1000)
     rows = gateway.rows("SELECT state, accepted_by, completed_by FROM calls")
     assert rows == [("completed", "maria", "jon")]
+
+
+async def test_the_login_page_opens_no_live_stream(gateway: Running) -> None:
+    """Without a session the stream would be refused and retried by the browser forever."""
+    async with chromium(gateway.url) as browser:
+        ctx = await browser.context(PHONE)
+        page = await ctx.new_page()
+        asked: list[str] = []
+        page.on("request", lambda request: asked.append(request.url))
+        await page.goto("/login")
+        await page.wait_for_load_state("networkidle")
+        await browser.shot(page, "login-phone")
+        assert asked and not [url for url in asked if "/api/" in url], asked

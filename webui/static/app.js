@@ -78,7 +78,9 @@ function onEvent(kind, data) {
 }
 
 function connect() {
-  if (!document.querySelector("[data-live]") && !document.body.dataset.page) return;
+  // signed-in pages only (the login page has no session: the stream would be refused and retried forever);
+  // every signed-in page listens, so a new call's banner and beep reach the crew wherever they are
+  if (!csrf) return;
   const source = new EventSource("/api/v1/live");
   const kinds = ["call", "room", "event.press", "device.status", "device.presence", "command.ack", "traffic"];
   for (const kind of kinds) {
