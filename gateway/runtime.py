@@ -77,11 +77,11 @@ class Gateway:
         )
         self.retention.attach(self.uplink.in_flight)
         self.ingest = Ingest(cfg, self.writer, self.accounts, self.presence, self.hub, self.metrics)
-        self.gate = Gatekeeper(cfg.mqtt, self.accounts, self.metrics)
+        self.trust = Trust(cfg, self.reader)  # the local CA, issued certificates, security profiles
+        self.gate = Gatekeeper(cfg.mqtt, self.accounts, self.metrics, self.trust)
         self.calls = Calls(
             cfg.calls, cfg.mqtt.root, self.writer, self.reader, self.hub, self.metrics, self.presence.is_online
         )
-        self.trust = Trust(cfg, self.reader)  # the local CA, issued certificates, security profiles
         self.discovery: Discovery | None = None
         self.broker: GatewayBroker | None = None
         self.commands: Commands | None = None
@@ -134,6 +134,8 @@ class Gateway:
         if self.trust.ca is not None:
             listeners["listeners"]["tls"] = self.trust.listener(self.cfg.mqtt)
         self.broker = GatewayBroker(listeners, self.gate, self.ingest, self.metrics, self.cfg.mqtt, self.writer)
+        if self.trust.ca is not None:
+            self.broker.tls_context = self.trust.ca.server_context()
         self.calls.attach(self.broker)
         self.ingest.calls = self.calls  # before the first PUBLISH: every press opens or joins a call
         await self.broker.start()

@@ -88,6 +88,11 @@ class Transport:
         self._flush()
         self._transport.close()
 
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The client certificate the TLS listener verified against the gateway's CA (None: plain TCP, or none sent)."""
+        cert = self._writer.get_extra_info("peercert")
+        return cert if isinstance(cert, dict) and cert else None
+
     def peer(self) -> str:
         info = self._writer.get_extra_info("peername")
         return f"{info[0]}:{info[1]}" if isinstance(info, tuple) else "?"
@@ -190,7 +195,12 @@ class Connection:
                 return False
             request.client_id = f"auto-{secrets.token_hex(8)}"
         principal = await self.broker.gate.authenticate(
-            request.client_id, request.username, request.password, request.will_topic, self.remote
+            request.client_id,
+            request.username,
+            request.password,
+            request.will_topic,
+            self.remote,
+            self.transport.peer_certificate(),
         )
         if principal is None or self._closed:
             self.transport.write(packets.connack(False, 5))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from gateway import acl, passwords
 from gateway.accounts import Accounts
 from gateway.config import MqttSection
 from gateway.metrics import Metrics
 from gateway.models import Principal
+from gateway.trust import Trust
 
 __all__ = ["PUBLISH", "RECEIVE", "SUBSCRIBE", "Gatekeeper"]
 
@@ -25,9 +27,10 @@ PUBLISH, SUBSCRIBE, RECEIVE = "publish", "subscribe", "receive"
 
 
 class Gatekeeper:
-    def __init__(self, cfg: MqttSection, accounts: Accounts, metrics: Metrics) -> None:
+    def __init__(self, cfg: MqttSection, accounts: Accounts, metrics: Metrics, trust: Trust | None = None) -> None:
         self._cfg = cfg
         self._accounts = accounts
+        self._trust = trust  # issued and revoked certificates, security profiles (gateway.trust)
         self._metrics = metrics
         self._root = cfg.root
         self._anonymous = Principal(
@@ -57,10 +60,38 @@ class Gatekeeper:
         return None
 
     async def authenticate(
-        self, client_id: str, username: str | None, password: str | None, will_topic: str | None, remote: str
+        self,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        will_topic: str | None,
+        remote: str,
+        certificate: dict[str, Any] | None = None,
     ) -> Principal | None:
-        """Decide a CONNECT: the principal every later ACL check uses, or None (refused, counted, logged)."""
-        if username:
+        """Decide a CONNECT: the principal every later ACL check uses, or None (refused, counted, logged).
+
+        `certificate` is the client certificate the TLS listener verified against the gateway's CA: it must be
+        one we issued and did not revoke, and its device id must be the client id (and the username, if any);
+        then it is the credential and no password is needed.
+        """
+        cert_device, refusal = (None, None)
+        if certificate and self._trust is not None:
+            cert_device, refusal = self._trust.certificate_device(certificate)
+        if refusal is not None:
+            return self._refuse(refusal, client_id, remote)
+        if cert_device is not None:
+            if client_id != cert_device:
+                return self._refuse("certificate_client_id_mismatch", client_id, remote)
+            if username and username != cert_device:
+                return self._refuse("certificate_username_mismatch", client_id, remote)
+            account = self._accounts.get(cert_device)
+            if account is None or account.principal.device is None:
+                return self._refuse("unknown_user", client_id, remote)  # revoked or deleted
+            principal = account.principal
+            assert principal.device is not None
+            if principal.device.disabled:
+                return self._refuse("device_disabled", client_id, remote)
+        elif username:
             account = self._accounts.get(username)
             password = password or ""
             if account is None:

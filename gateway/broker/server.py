@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -110,6 +111,8 @@ class GatewayBroker(Broker):
         self._kinds = {"device": 0, "integration": 0, "anonymous": 0}
         self._out = metrics.messages.labels("relay", "out")
         self._slow = metrics.drops.labels("slow_subscriber")
+        # the TLS listener's context, owned by gateway.tls (renewed in place): set before start()
+        self.tls_context: ssl.SSLContext | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -139,6 +142,13 @@ class GatewayBroker(Broker):
         await super().start()
         self._collector_settings = gc.get_threshold()
         _quiet_collector()
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        """amqtt builds a context from files once; ours is the CA's live one, so a renewal reaches new handshakes."""
+        if self.tls_context is not None:
+            return self.tls_context
+        context: ssl.SSLContext = Broker._create_ssl_context(listener)
+        return context
 
     def port(self, listener: str = "default") -> int:
         return bound_port(self, listener)

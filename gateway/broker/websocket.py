@@ -22,6 +22,9 @@ class WsTransport(Transport):
         self._closing = False
         self._closer: asyncio.Task[None] | None = None
 
+    def peer_certificate(self) -> dict[str, Any] | None:
+        return None
+
     async def read(self) -> bytes:
         try:
             data = await self._ws.recv()
