@@ -329,6 +329,7 @@ class Connection:
             ):
                 codes.append(0x80)  # section 3.9.3: failure
                 continue
+            qos = min(qos, self.broker.gate.max_qos(session.principal))  # section 3.9.3: a lower QoS may be granted
             self.broker.subscribe(session, topic_filter, qos)
             codes.append(qos)
             granted.append((topic_filter, qos))

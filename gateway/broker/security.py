@@ -111,6 +111,8 @@ class Gatekeeper:
                     return self._refuse("device_disabled", client_id, remote)
                 if client_id != principal.name:
                     return self._refuse("client_id_mismatch", client_id, remote)
+                if self._trust is not None and self._trust.certificate_required(principal):
+                    return self._refuse("certificate_required", client_id, remote)
         else:
             if not self._cfg.allow_anonymous:
                 return self._refuse("anonymous", client_id, remote)
@@ -122,11 +124,30 @@ class Gatekeeper:
             return self._refuse("will_not_allowed", client_id, remote)
         return principal
 
+    def within_limits(self, principal: Principal | None, qos: int, retain: bool) -> bool:
+        """A PUBLISH's QoS and retain flag within the device's security profile (counted when not)."""
+        trust = self._trust
+        if trust is None or not trust.profiled or trust.within_limits(principal, qos, retain):
+            return True
+        self._metrics.drops.labels("profile_limits").inc()
+        log.warning(
+            "profile refused %s a QoS %d%s publish",
+            principal.name if principal else "?",
+            qos,
+            " retained" if retain else "",
+        )
+        return False
+
+    def max_qos(self, principal: Principal | None) -> int:
+        return 2 if self._trust is None else self._trust.max_qos(principal)
+
     def allows(self, principal: Principal | None, topic: str, action: str) -> bool:
         if principal is None:
             return False
         if action == PUBLISH:
             ok = acl.may_publish(principal, topic, self._root)
+            if ok and self._trust is not None:
+                ok = self._trust.action_allowed(principal, topic, self._root)  # the device's security profile
         elif action == SUBSCRIBE:
             ok = acl.may_subscribe(principal, topic, self._root)
         else:

@@ -332,6 +332,8 @@ class GatewayBroker(Broker):
             session.publish_acl[topic] = allowed
         if not allowed:
             return None
+        if not self.gate.within_limits(session.principal, qos, retain):
+            return None  # the device's security profile: QoS above its max, or retain not allowed
         if len(payload) > self.cfg.max_payload:
             self.metrics.drops.labels("oversized_payload").inc()
             log.warning(
