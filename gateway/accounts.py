@@ -23,6 +23,7 @@ class Accounts:
         self.accounts: dict[str, Account] = {}
         self._task: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], Awaitable[None]]] = []
+        self._refreshing: asyncio.Future[None] | None = None
 
     def get(self, username: str) -> Account | None:
         return self.accounts.get(username)
@@ -45,6 +46,16 @@ class Accounts:
         """Reload now if the registry changed (called after in-process writes, so they apply at once)."""
         if await self._reader.call(registry_version) != self.version:
             await self.reload()
+
+    async def refresh_shared(self) -> None:
+        """`refresh`, with callers that arrive while one is running waiting for it instead of starting another
+        (a connect storm of unknown names costs one registry-version query at a time)."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self.refresh())
+        try:
+            await asyncio.shield(self._refreshing)
+        except Exception:
+            log.exception("registry reload failed; keeping the previous accounts")
 
     async def start(self) -> None:
         await self.reload()

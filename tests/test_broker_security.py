@@ -212,3 +212,20 @@ async def test_retained_messages_respect_the_acl(gateway: Running, paho_clients)
     await asyncio.to_thread(late.subscribe, "bosun/+/+/+/+/availability")
     assert await asyncio.to_thread(late.got_message.wait, 5)
     assert [(m.topic, m.retain) for m in late.messages] == [(topic("btn-1", "availability"), True)]
+
+
+async def test_a_device_added_by_another_process_connects_at_once(gateway: Running, paho_clients) -> None:
+    """The CLI writes the registry from its own process; the broker looks again on an unknown name instead of
+    refusing the device until its next poll (once a second)."""
+    from conftest import db_write
+
+    from gateway.store import registry
+
+    _, password = db_write(
+        gateway.data_dir,
+        lambda c: registry.add_device(c, registry.NewDevice("btn-new", "yacht", "c101", "button"), "cli"),
+    )
+    client = paho_clients(gateway.mqtt_port, "btn-new", "btn-new", password)
+    assert await asyncio.to_thread(client.connect) == 0
+    stranger = paho_clients(gateway.mqtt_port, "nobody", "nobody", "x" * 30)
+    assert await asyncio.to_thread(stranger.connect) == 5  # still refused: not authorized

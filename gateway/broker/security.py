@@ -93,6 +93,11 @@ class Gatekeeper:
                 return self._refuse("device_disabled", client_id, remote)
         elif username:
             account = self._accounts.get(username)
+            if account is None:
+                # maybe just added by the CLI or another process: look once (one version query, shared by a
+                # connect storm) instead of refusing until the next poll
+                await self._accounts.refresh_shared()
+                account = self._accounts.get(username)
             password = password or ""
             if account is None:
                 # spend the same time as a real check so unknown names cannot be told from wrong passwords
