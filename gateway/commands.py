@@ -14,7 +14,7 @@ from gateway.store.registry import get_device
 from gateway.store.writer import Writer
 from gateway.topics import command_topic, valid_segment
 
-__all__ = ["COMMAND_NAMES", "CommandRow", "Commands"]
+__all__ = ["COMMAND_NAMES", "MARK_SENT_SQL", "CommandRow", "Commands"]
 
 COMMAND_NAMES = ("reset", "config", "identify", "notify", "ota")
 
@@ -37,6 +37,11 @@ class CommandRow:
     created_by: str | None
 
 
+# an ack may already have arrived: only a pending command becomes 'sent'
+MARK_SENT_SQL = (
+    "UPDATE commands SET sent_at = ?, status = CASE status WHEN 'pending' THEN 'sent' ELSE status END "
+    "WHERE command_id = ?"
+)
 COMMAND_COLUMNS = "command_id, device_id, name, args, status, detail, created_at, sent_at, acked_at, created_by"
 
 
@@ -77,12 +82,7 @@ class Commands:
         sent_at = time.time()
 
         def mark_sent(conn: Any) -> CommandRow:
-            # an ack may already have arrived: only a pending command becomes 'sent'
-            conn.execute(
-                "UPDATE commands SET sent_at = ?, status = CASE status WHEN 'pending' THEN 'sent' "
-                "ELSE status END WHERE command_id = ?",
-                (sent_at, command_id),
-            )
+            conn.execute(MARK_SENT_SQL, (sent_at, command_id))
             return command_row(
                 conn.execute(f"SELECT {COMMAND_COLUMNS} FROM commands WHERE command_id = ?", (command_id,)).fetchone()
             )

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from gateway.calls.flow import SEND, Policy, Tx
 from gateway.calls.model import CALL_COLUMNS, Call, Send, call_row
+from gateway.commands import MARK_SENT_SQL
 from gateway.config import CallsSection, press_priorities
 from gateway.hub import Hub
 from gateway.metrics import Metrics
@@ -115,11 +116,7 @@ class Calls:
 
         def mark_sent(conn: sqlite3.Connection) -> None:
             conn.executemany("UPDATE call_notifies SET sent_at = ? WHERE command_id = ?", ids)
-            conn.executemany(
-                "UPDATE commands SET sent_at = ?, status = CASE status WHEN 'pending' THEN 'sent' ELSE status END "
-                "WHERE command_id = ?",
-                ids,
-            )
+            conn.executemany(MARK_SENT_SQL, ids)
 
         try:
             await self._writer.run(mark_sent)

@@ -17,7 +17,7 @@ from litestar.contrib.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
 from litestar.template import TemplateConfig
 
-__all__ = ["NAV", "PAGE", "Req", "go", "render", "template_config"]
+__all__ = ["NAV", "PAGE", "Req", "go", "local_path", "render", "template_config"]
 
 HERE = Path(__file__).resolve().parent.parent
 Req = Request[Any, Any, Any]
@@ -106,6 +106,13 @@ def render(request: Req, name: str, status_code: int = 200, **context: Any) -> T
         },
         headers={"Cache-Control": "no-store"},
     )
+
+
+def local_path(value: Any, default: str = "/calls") -> str:
+    """A path on this gateway (no `//host`, scheme or backslash), else `default`: no open redirect."""
+    if isinstance(value, str) and value.startswith("/") and not value.startswith("//") and "\\" not in value:
+        return value
+    return default
 
 
 def go(path: str) -> Redirect:

@@ -15,7 +15,7 @@ from litestar.response import Redirect, Template
 from gateway.calls.model import rank
 from gateway.calls.queries import STATES, call_detail, call_stats, list_calls
 from gateway.errors import NotFound
-from webui.pages.base import PAGE, Req, go, render
+from webui.pages.base import PAGE, Req, go, local_path, render
 
 __all__ = ["call_action", "call_page", "calls_history", "calls_page"]
 
@@ -84,5 +84,4 @@ async def call_action(request: Req, call_id: int, action: str) -> Redirect:
         await calls.cancel(call_id, user.username, user.role == "admin", reason)
     else:
         raise NotFound(f"no action {action!r} on calls (accept, complete, cancel)")
-    back = str(form.get("back") or "/calls")
-    return go(back if back.startswith("/") and not back.startswith("//") else "/calls")
+    return go(local_path(form.get("back")))

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from litestar import get, post
 from litestar.datastructures import Cookie
 from litestar.response import Redirect, Template
 
 from gateway.store import people
 from webui.auth import COOKIE, optional_session
-from webui.pages.base import PAGE, Req, go, render
+from webui.pages.base import PAGE, Req, go, local_path, render
 
 __all__ = ["account", "change_password", "login_form", "login_submit", "logout", "root"]
-
-
-def _next(value: Any) -> str:
-    """Only a path on this gateway (no `//host` or scheme): no open redirect after sign-in."""
-    if isinstance(value, str) and value.startswith("/") and not value.startswith("//") and "\\" not in value:
-        return value
-    return "/calls"
 
 
 def _address(request: Req) -> str:
@@ -33,7 +24,7 @@ async def root(request: Req) -> Redirect:
 
 @get("/login", opt={"public": True})
 async def login_form(request: Req) -> Template | Redirect:
-    target = _next(request.query_params.get("next"))
+    target = local_path(request.query_params.get("next"))
     if await optional_session(request):
         return go(target)
     return render(request, "login.html", next=target, error=None, username="")
@@ -45,7 +36,7 @@ async def login_submit(request: Req) -> Template | Redirect:
     form = await request.form()
     username = str(form.get("username") or "").strip()
     password = str(form.get("password") or "")
-    target = _next(form.get("next"))
+    target = local_path(form.get("next"))
     address = _address(request)
     limiter = request.app.state.login_limiter
     wait = limiter.retry_after(username, address)
