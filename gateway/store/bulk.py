@@ -4,8 +4,12 @@ The child and the writer thread take turns (`hold`): two SQLite writers that col
 handler's coarse sleeps (up to 100 ms), which would land on the PUBACKs waiting for either.
 
 `append(sql, row)` adds a row to the open group and returns that group's future, which resolves after the
-child's COMMIT. One group is committing while the next fills, so groups grow with the load. If the child
-dies, the groups it held fail (their messages get no PUBACK, so devices resend them) and a new child starts.
+child's COMMIT. One group is committing while the next fills, so groups grow with the load, up to
+`_GROUP_ROWS`: a full group waits in line and the next row opens another. The cap bounds how long one COMMIT
+takes, and so how long a writer-thread op (a press, an ack) waits for its turn: unbounded groups fed on
+themselves under load (a slow commit let the next group grow, which made its commit slower) and held ops for
+half a second. If the child dies, the groups it held fail (their messages get no PUBACK, so devices resend
+them) and a new child starts.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import logging
 import struct
 import sys
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,16 @@ __all__ = ["BulkWriter"]
 log = logging.getLogger(__name__)
 _LEN = struct.Struct("!I")
 _IN_FLIGHT = 2  # groups sent to the child and not yet answered: one committing, one queued behind it
+_GROUP_ROWS = 1000  # rows in one group: ~10-30 ms of COMMIT on the development machine
+
+
+class _Group:
+    __slots__ = ("future", "rows", "tables")
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.tables: dict[str, list[tuple[Any, ...]]] = {}
+        self.rows = 0
+        self.future = future
 
 
 class BulkWriter:
@@ -42,9 +57,8 @@ class BulkWriter:
         self._metrics = metrics
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._open: dict[str, list[tuple[Any, ...]]] = {}
-        self._open_rows = 0
-        self._open_future: asyncio.Future[None] | None = None
+        self._waiting: deque[_Group] = deque()  # not yet sent; only the last one takes new rows
+        self._waiting_rows = 0
         self._sent: dict[int, tuple[asyncio.Future[None], int]] = {}
         self._sent_rows = 0
         self._next_id = 0
@@ -67,38 +81,44 @@ class BulkWriter:
 
     @property
     def depth(self) -> int:
-        return self._open_rows + self._sent_rows
+        return self._waiting_rows + self._sent_rows
 
     def append(self, sql: str, row: tuple[Any, ...]) -> asyncio.Future[None]:
         if self._closing:
             raise StoreError("the writer is stopping")
-        rows = self._open.get(sql)
-        if rows is None:
-            rows = self._open[sql] = []
-        rows.append(row)
-        self._open_rows += 1
-        future = self._open_future
-        if future is None:
-            future = self._open_future = asyncio.get_running_loop().create_future()
+        waiting = self._waiting
+        group = waiting[-1] if waiting else None
+        if group is None or group.rows >= _GROUP_ROWS:
+            loop = asyncio.get_running_loop()
+            group = _Group(loop.create_future())
+            waiting.append(group)
             if not self._scheduled and len(self._sent) < _IN_FLIGHT:
                 self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._send)
-        return future
+                loop.call_soon(self._send)
+        rows = group.tables.get(sql)
+        if rows is None:
+            rows = group.tables[sql] = []
+        rows.append(row)
+        group.rows += 1
+        self._waiting_rows += 1
+        return group.future
 
     def _send(self) -> None:
-        """Hand the open group to the child (at the end of this loop turn, so it holds all of this turn's rows)."""
+        """Hand waiting groups to the child (at the end of this loop turn, so the open one holds all of this
+        turn's rows), as many as may be in flight."""
         self._scheduled = False
         proc = self._proc
-        future = self._open_future
-        if future is None or proc is None or proc.stdin is None or len(self._sent) >= _IN_FLIGHT or self._hold():
+        if proc is None or proc.stdin is None:
             return
-        tables, rows = self._open, self._open_rows
-        self._open, self._open_rows, self._open_future = {}, 0, None
-        self._next_id += 1
-        body = msgpack.packb([self._next_id, list(tables.items())])
-        self._sent[self._next_id] = (future, rows)
-        self._sent_rows += rows
-        proc.stdin.write(_LEN.pack(len(body)) + body)
+        waiting = self._waiting
+        while waiting and len(self._sent) < _IN_FLIGHT and not self._hold():
+            group = waiting.popleft()
+            self._waiting_rows -= group.rows
+            self._next_id += 1
+            body = msgpack.packb([self._next_id, list(group.tables.items())])
+            self._sent[self._next_id] = (group.future, group.rows)
+            self._sent_rows += group.rows
+            proc.stdin.write(_LEN.pack(len(body)) + body)
 
     async def _answers(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -115,7 +135,7 @@ class BulkWriter:
                     future.set_result(None)
                 else:
                     self._fail(future, rows, StoreError(error))
-                if self._open_future is not None and not self._scheduled:
+                if self._waiting and not self._scheduled:
                     self._send()
                 self._on_done()
         except asyncio.IncompleteReadError:
@@ -128,12 +148,12 @@ class BulkWriter:
         self._sent.clear()
         self._sent_rows = 0
         await self.start()
-        if self._open_future is not None:
+        if self._waiting:
             self._send()
 
     def kick(self) -> None:
         """The writer thread finished its turn: send what opened meanwhile."""
-        if self._open_future is not None and not self._scheduled:
+        if self._waiting and not self._scheduled:
             self._send()
 
     async def wait_idle(self) -> None:
@@ -149,8 +169,8 @@ class BulkWriter:
 
     async def stop(self) -> None:
         """Send what is open, wait for every answer, then let the child exit."""
-        while self._open_future is not None or self._sent:
-            if self._open_future is not None and len(self._sent) < _IN_FLIGHT and not self._hold():
+        while self._waiting or self._sent:
+            if self._waiting and len(self._sent) < _IN_FLIGHT and not self._hold():
                 self._send()
             waiting = [f for f, _ in self._sent.values()]
             if waiting:

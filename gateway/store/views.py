@@ -54,9 +54,12 @@ def measurements(
 
 
 def device_metrics(conn: sqlite3.Connection, device_id: str) -> list[str]:
-    """The metric names a device has measurements for (the (device_id, metric, ts) index answers this)."""
+    """The metric names in a device's latest 10,000 measurements (bounded: the (device_id, ts) index gives the
+    latest rows, not the distinct names)."""
     rows = conn.execute(
-        "SELECT DISTINCT metric FROM measurements WHERE device_id = ? ORDER BY metric", (device_id,)
+        "SELECT DISTINCT metric FROM (SELECT metric FROM measurements WHERE device_id = ? ORDER BY ts DESC "
+        "LIMIT 10000) ORDER BY metric",
+        (device_id,),
     ).fetchall()
     return [r[0] for r in rows]
 

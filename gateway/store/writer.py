@@ -37,6 +37,12 @@ log = logging.getLogger(__name__)
 # 10,000 msg/s) a 10 s period let the bulk commits grow from ~2 ms to 40-90 ms about 15 s into the load.
 # A PASSIVE checkpoint with nothing to copy costs microseconds and holds no GIL.
 _CHECKPOINT_S = 0.25
+# Ops (presses, acks, status) ask for the write lock between the bulk child's commits instead of taking turns:
+# waiting for the child to go idle and holding its next group made each op cost up to two whole group commits
+# plus the child's idle time, which at 10,000 msg/s convoyed into half-second PUBACKs. Only when the child keeps
+# the lock this long (it is saturated) does the op take a turn.
+_LOCK_WAIT_MS = 100
+_BUSY_TIMEOUT_MS = 30000  # schema.connect's
 
 
 class Writer:
@@ -174,19 +180,24 @@ class Writer:
             bulk, bulk_future, bulk_rows = self._bulk, self._bulk_future, self._bulk_rows
             self._bulk, self._bulk_future, self._bulk_rows = {}, None, 0
             started = time.perf_counter()
+            ops = [op for op, _ in batch]
             try:
-                if self._proc is not None:
+                try:
+                    results, bulk_error = await loop.run_in_executor(self._executor, self._apply, ops, bulk)
+                except _Busy:
+                    # the bulk child kept the write lock past the short timeout (it is saturated): take turns
+                    assert self._proc is not None
+                    self._metrics.writer_turns.inc()
                     self._turn = True
                     await self._proc.wait_idle()
-                results, bulk_error = await loop.run_in_executor(
-                    self._executor, self._apply, [op for op, _ in batch], bulk
-                )
+                    results, bulk_error = await loop.run_in_executor(self._executor, self._apply, ops, bulk, True)
             except BaseException as exc:  # the thread died: fail the group loudly, keep serving
                 log.exception("writer batch failed")
                 results = [(False, StoreError(f"write failed: {exc!r}"))] * len(batch)
                 bulk_error = StoreError(f"write failed: {exc!r}")
             finally:
-                if self._proc is not None:
+                if self._turn:
+                    assert self._proc is not None
                     self._turn = False
                     self._proc.kick()
             elapsed = time.perf_counter() - started
@@ -214,12 +225,19 @@ class Writer:
                     future.set_exception(value)
 
     def _apply(
-        self, ops: list[Op], bulk: dict[str, list[tuple[Any, ...]]]
+        self, ops: list[Op], bulk: dict[str, list[tuple[Any, ...]]], held: bool = False
     ) -> tuple[list[tuple[bool, Any]], Exception | None]:
-        """Runs on the writer thread: the whole group in one transaction."""
+        """Runs on the writer thread: the whole group in one transaction.
+
+        With the bulk child, the write lock is asked for with a short timeout and `_Busy` raised when the child
+        keeps it (`held`: the child is idle, wait as long as it takes).
+        """
         conn = self._conn
         assert conn is not None
-        conn.execute("BEGIN IMMEDIATE")
+        if self._proc is None or held:
+            conn.execute("BEGIN IMMEDIATE")
+        else:
+            _begin_or_busy(conn)
         try:
             for sql, rows in bulk.items():
                 conn.executemany(sql, rows)
@@ -271,6 +289,24 @@ class Writer:
             await loop.run_in_executor(self._executor, _close, conn)
             self._conn = None
         self._executor.shutdown(wait=True)
+
+
+class _Busy(Exception):
+    """The bulk child held the write lock for longer than `_LOCK_WAIT_MS`."""
+
+
+def _begin_or_busy(conn: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE, waiting at most `_LOCK_WAIT_MS` for the lock (SQLite's busy handler sleeps 1, 2, 5, 10...
+    ms between tries, the GIL released)."""
+    conn.execute(f"PRAGMA busy_timeout = {_LOCK_WAIT_MS}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+            raise _Busy from None
+        raise
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
 
 
 def _close(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,84 @@
+"""The store's two writers on a real SQLite file: the writer thread (ops) and the bulk child process (rows)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+from gateway.config import StoreSection
+from gateway.metrics import Metrics
+from gateway.store.bulk import _GROUP_ROWS
+from gateway.store.writer import Writer
+
+_INSERT = "INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)"
+
+
+async def _writer(tmp_path: Path) -> tuple[Writer, Metrics]:
+    metrics = Metrics()
+    writer = Writer(tmp_path / "bosun.db", StoreSection(), metrics)
+    await writer.start()
+    return writer, metrics
+
+
+def _count(path: Path, sql: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute(sql).fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_bulk_rows_commit_in_bounded_groups_and_all_arrive(tmp_path: Path) -> None:
+    writer, _ = await _writer(tmp_path)
+    try:
+        rows = 2 * _GROUP_ROWS + 500
+        futures = {writer.append(_INSERT, (f"d{i % 7}", "temperature", float(i), 20.0)) for i in range(rows)}
+        await asyncio.gather(*futures)
+        assert len(futures) >= 3  # one turn's rows were cut into groups of at most _GROUP_ROWS
+        assert writer.depth == 0
+    finally:
+        await writer.stop()
+    assert _count(tmp_path / "bosun.db", "SELECT count(*) FROM measurements") == rows
+
+
+async def test_an_op_waits_for_a_lock_held_past_the_short_wait_and_still_commits(tmp_path: Path) -> None:
+    """Another connection keeps the write lock for 0.5 s (longer than the op's first try): the op falls back to
+    taking its turn, counts it, and commits once the lock is free; bulk rows sent meanwhile commit too."""
+    writer, metrics = await _writer(tmp_path)
+    held = threading.Event()
+
+    def hold_lock() -> None:
+        conn = sqlite3.connect(tmp_path / "bosun.db", isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        held.set()
+        threading.Event().wait(0.5)
+        conn.execute("COMMIT")
+        conn.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        await asyncio.to_thread(held.wait)
+        bulk = writer.append(_INSERT, ("d1", "humidity", 1.0, 40.0))
+        result = await writer.run(lambda conn: conn.execute(_INSERT, ("d2", "humidity", 2.0, 41.0)).rowcount)
+        await bulk
+        assert result == 1
+        assert metrics.writer_turns._value.get() == 1
+    finally:
+        await asyncio.to_thread(holder.join)
+        await writer.stop()
+    assert _count(tmp_path / "bosun.db", "SELECT count(*) FROM measurements") == 2
+
+
+async def test_an_op_commits_between_bulk_groups_without_taking_a_turn(tmp_path: Path) -> None:
+    writer, metrics = await _writer(tmp_path)
+    try:
+        for _ in range(5):
+            rows = [writer.append(_INSERT, (f"d{i}", "t", float(i), 1.0)) for i in range(300)]
+            await writer.run(lambda conn: conn.execute("UPDATE meta SET value = value WHERE key = 'x'"))
+            await asyncio.gather(*rows)
+        assert metrics.writer_turns._value.get() == 0
+    finally:
+        await writer.stop()
