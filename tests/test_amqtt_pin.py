@@ -1,8 +1,9 @@
 """Fails loudly if the pinned amqtt internals that gateway/broker subclasses have changed.
 
 gateway/broker/server.py keeps amqtt's listeners and lifecycle and takes over each accepted connection. It
-overrides `stream_connected`, `ws_connected`, `start` and `shutdown`, and reads the private `_servers` map
-and amqtt's `Server` fields. An upgrade must re-check every one; these names and signatures are the contract.
+overrides `_create_server_instance` (TCP/TLS listeners serve our protocol), `ws_connected`, `start` and
+`shutdown`, and reads the private `_servers` map and amqtt's `Server` fields (`conn_count`, `max_connections`,
+`instance`). An upgrade must re-check every one; these names and signatures are the contract.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from gateway.broker.server import broker_config
 from gateway.config import MqttSection
 
 OVERRIDDEN = {
-    "stream_connected": ["self", "reader", "writer", "listener_name"],
+    "_create_server_instance": ["self", "listener_name", "listener_type", "address", "port", "ssl_context"],
     "ws_connected": ["self", "websocket", "listener_name"],
     "start": ["self"],
     "shutdown": ["self"],
@@ -37,14 +38,15 @@ def test_overridden_broker_methods_keep_their_signatures() -> None:
 
 def test_listeners_hand_connections_to_the_methods_we_override() -> None:
     source = inspect.getsource(Broker._create_server_instance)
-    assert "partial(self.stream_connected, listener_name=listener_name)" in source
     assert "partial(self.ws_connected, listener_name=listener_name)" in source
-    assert "self._servers[listener_name] = Server(" in inspect.getsource(Broker._start_listeners)
+    start = inspect.getsource(Broker._start_listeners)
+    assert "await self._create_server_instance(listener_name, listener.type, address, port, ssl_context)" in start
+    assert "self._servers[listener_name] = Server(" in start
 
 
 def test_server_fields_we_read_exist() -> None:
     server = Server("x", None, 3)  # type: ignore[arg-type]
-    assert server.semaphore is not None and server.max_connections == 3 and server.instance is None
+    assert server.conn_count == 0 and server.max_connections == 3 and server.instance is None
     assert callable(server.acquire_connection) and callable(server.release_connection)
     assert "self._servers" in inspect.getsource(Broker.__init__)
     assert hasattr(uvicorn.Server, "capture_signals")

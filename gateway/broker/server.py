@@ -24,9 +24,10 @@ import time
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.contexts import ListenerType
 
 from gateway.broker import packets, persist
-from gateway.broker.connection import Connection, Transport
+from gateway.broker.connection import Connection, StreamProtocol, Transport
 from gateway.broker.persist import SessionStore
 from gateway.broker.security import PUBLISH, RECEIVE, Gatekeeper
 from gateway.broker.session import Outgoing, Session
@@ -105,7 +106,8 @@ class GatewayBroker(Broker):
         self._retained: dict[str, tuple[bytes, int]] = {}
         self._store: SessionStore | None = None
         self._connections: set[Connection] = set()
-        self._running: set[asyncio.Future[None]] = set()
+        self._paused: set[Connection] = set()  # stopped reading until the writer has room (backpressure)
+        self._room_waiter: asyncio.Task[None] | None = None
         self._stopping = False
         self._collector_settings: tuple[int, int, int] | None = None
         self._kinds = {"device": 0, "integration": 0, "anonymous": 0}
@@ -153,40 +155,74 @@ class GatewayBroker(Broker):
     def port(self, listener: str = "default") -> int:
         return bound_port(self, listener)
 
-    async def stream_connected(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
-    ) -> None:
-        await self._serve(listener_name, Transport(reader, writer))
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: Any,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        """TCP/TLS listeners serve `StreamProtocol` (bytes straight to the parser); WebSocket stays amqtt's."""
+        if listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(
+            lambda: StreamProtocol(self, listener_name), address, port, reuse_address=True, ssl=ssl_context
+        )
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
-        await self._serve(listener_name, WsTransport(websocket))
+        transport = WsTransport(websocket)
+        conn = self.open_connection(listener_name, transport)
+        if conn is not None:
+            try:
+                await transport.pump(conn)
+            finally:
+                conn.lost()
 
-    async def _serve(self, listener_name: str, transport: Transport) -> None:
+    def open_connection(self, listener_name: str, transport: Transport) -> Connection | None:
+        """A client connected to a listener: its Connection, or None when refused (the socket is closed)."""
         server = self._servers.get(listener_name)
         if server is None or self._stopping:
             transport.close()
-            return
-        if server.semaphore is not None and server.semaphore.locked():
+            return None
+        if 0 < server.max_connections <= server.conn_count:
             # stock waited for a free slot with the socket open; refuse now so the client can back off
             self.metrics.auth_failures.labels("max_connections").inc()
             log.warning(
                 "refused a connection from %s: %d connections is the limit", transport.peer(), server.max_connections
             )
             transport.close()
-            return
-        await server.acquire_connection()
+            return None
+        server.conn_count += 1
         conn = Connection(self, transport)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        conn.listener = server
         self._connections.add(conn)
-        self._running.add(done)
-        try:
-            await conn.run()
-        finally:
-            # the slot is released whatever ended the connection (stock leaked it on refused CONNECTs)
+        conn.start()
+        return conn
+
+    def connection_ended(self, conn: Connection) -> None:
+        """The slot is released whatever ended the connection (stock leaked it on refused CONNECTs)."""
+        if conn in self._connections:
             self._connections.discard(conn)
-            server.release_connection()
-            self._running.discard(done)
-            done.set_result(None)
+            if conn.listener is not None:
+                conn.listener.conn_count -= 1
+
+    def resume_when_room(self, conn: Connection) -> None:
+        """Backpressure: `conn` stopped reading; one waiter lets every paused connection go on once the writer
+        has room again."""
+        self._paused.add(conn)
+        if self._room_waiter is None:
+            self._room_waiter = asyncio.get_running_loop().create_task(self._wait_room())
+
+    async def _wait_room(self) -> None:
+        try:
+            await self.store_writer.wait_room()
+        finally:
+            self._room_waiter = None
+        paused, self._paused = self._paused, set()
+        for conn in paused:
+            conn.go_on()
 
     async def drain(self) -> None:
         """Kept for the runtime's stop order: every PUBLISH already read was handed to ingest when it was read."""
@@ -199,8 +235,11 @@ class GatewayBroker(Broker):
         for conn in list(self._connections):
             conn.reason = "gateway stopping"
             conn.close()
-        if self._running:
-            await asyncio.wait(list(self._running), timeout=5)
+        ended = [conn.ended for conn in self._connections]
+        if ended:
+            await asyncio.wait(ended, timeout=5)
+        if self._room_waiter is not None:
+            self._room_waiter.cancel()
         await super().shutdown()
         if self._collector_settings is not None:
             gc.unfreeze()  # a process that starts gateways one after another (tests) gets its memory back

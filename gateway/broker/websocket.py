@@ -8,7 +8,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from gateway.broker.connection import _HIGH_WATER, Transport
+from gateway.broker.connection import _HIGH_WATER, Connection, Transport
 
 __all__ = ["WsTransport"]
 
@@ -21,6 +21,23 @@ class WsTransport(Transport):
         self._sending: asyncio.Task[None] | None = None
         self._closing = False
         self._closer: asyncio.Task[None] | None = None
+        self._reading = asyncio.Event()
+        self._reading.set()
+
+    async def pump(self, conn: Connection) -> None:
+        """Feed each message's bytes to `conn` until the socket closes, waiting while it has paused reading."""
+        while True:
+            await self._reading.wait()
+            data = await self.read()
+            if not data:
+                return
+            conn.feed(data)
+
+    def pause_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
 
     def peer_certificate(self) -> dict[str, Any] | None:
         return None
