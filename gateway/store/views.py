@@ -107,7 +107,7 @@ def call_counts(conn: sqlite3.Connection) -> dict[str, int]:
 def _first_id_at(conn: sqlite3.Connection, ts: float) -> int | None:
     """The first traffic row at or after `ts`, by binary search on the rowid (rows are appended in time order,
     and the table has no index on ts: a scan would read every payload)."""
-    lo, hi = conn.execute("SELECT min(id), max(id) FROM traffic").fetchone()
+    lo, hi = conn.execute("SELECT (SELECT min(id) FROM traffic), (SELECT max(id) FROM traffic)").fetchone()
     if lo is None:
         return None
     hi += 1

@@ -92,7 +92,9 @@ def backlog(conn: sqlite3.Connection) -> dict[str, Backlog]:
     out: dict[str, Backlog] = {}
     for lane in LANES:
         if lane == LANE_TELEMETRY:
-            top, bottom = conn.execute("SELECT max(id), min(id) FROM measurements").fetchone()
+            top, bottom = conn.execute(
+                "SELECT (SELECT max(id) FROM measurements), (SELECT min(id) FROM measurements)"
+            ).fetchone()
             start = max(acked.get(lane, 0), (bottom or 1) - 1)
             records = max(0, (top or 0) - start)
             oldest = None

@@ -250,7 +250,10 @@ class Uplink:
         def read(conn: Any) -> tuple[dict[str, source.Backlog], dict[str, int], int, int, int, int]:
             lanes = source.backlog(conn)
             lost = {lane: n for lane, n in conn.execute("SELECT lane, lost FROM uplink_lanes")}
-            top, bottom = conn.execute("SELECT coalesce(max(id), 0), coalesce(min(id), 0) FROM measurements").fetchone()
+            top, bottom = conn.execute(
+                "SELECT coalesce((SELECT max(id) FROM measurements), 0), "
+                "coalesce((SELECT min(id) FROM measurements), 0)"
+            ).fetchone()
             acked = source.cursors(conn).get(LANE_TELEMETRY, 0)
             return lanes, lost, used_bytes(conn), int(top), int(bottom), acked
 
