@@ -40,9 +40,10 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
-        self.writer_turns = Counter(
-            "bosun_writer_turns",
-            "Groups of ops that waited for the bulk writer process to go idle (it kept the write lock past 100 ms)",
+        self.writer_lock_wait = Histogram(
+            "bosun_writer_lock_wait_seconds",
+            "Time an op group waited for the write lock held by the bulk writer process",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
         self.commit_latency = Histogram(

@@ -156,11 +156,6 @@ class BulkWriter:
         if self._waiting and not self._scheduled:
             self._send()
 
-    async def wait_idle(self) -> None:
-        """Until no group is committing (the caller holds new ones back with `hold`)."""
-        while self._sent:
-            await asyncio.wait([f for f, _ in self._sent.values()])
-
     def _fail(self, future: asyncio.Future[None], rows: int, error: StoreError) -> None:
         log.error("%d bulk rows were not stored: %s", rows, error)
         self._metrics.drops.labels("store_error").inc(rows)

@@ -37,12 +37,13 @@ log = logging.getLogger(__name__)
 # 10,000 msg/s) a 10 s period let the bulk commits grow from ~2 ms to 40-90 ms about 15 s into the load.
 # A PASSIVE checkpoint with nothing to copy costs microseconds and holds no GIL.
 _CHECKPOINT_S = 0.25
-# Ops (presses, acks, status) ask for the write lock between the bulk child's commits instead of taking turns:
-# waiting for the child to go idle and holding its next group made each op cost up to two whole group commits
-# plus the child's idle time, which at 10,000 msg/s convoyed into half-second PUBACKs. Only when the child keeps
-# the lock this long (it is saturated) does the op take a turn.
-_LOCK_WAIT_MS = 100
-_BUSY_TIMEOUT_MS = 30000  # schema.connect's
+# Ops (presses, acks, status) go before the next bulk group: the child is held from sending more while the writer
+# thread asks for the write lock every half millisecond, so an op waits for at most the groups already in flight.
+# Waiting for the child to go idle first (and SQLite's busy handler, which sleeps 1, 2, 5 ... 100 ms between tries
+# and rarely hits the gap between two of the child's groups) made each op cost several group commits, which at
+# 10,000 msg/s convoyed into half-second PUBACKs.
+_LOCK_POLL_S = 0.0005
+_LOCK_WAIT_S = 30.0  # schema.connect's busy timeout
 
 
 class Writer:
@@ -181,23 +182,16 @@ class Writer:
             self._bulk, self._bulk_future, self._bulk_rows = {}, None, 0
             started = time.perf_counter()
             ops = [op for op, _ in batch]
+            if self._proc is not None:
+                self._turn = True  # no new bulk group until this one commits
             try:
-                try:
-                    results, bulk_error = await loop.run_in_executor(self._executor, self._apply, ops, bulk)
-                except _Busy:
-                    # the bulk child kept the write lock past the short timeout (it is saturated): take turns
-                    assert self._proc is not None
-                    self._metrics.writer_turns.inc()
-                    self._turn = True
-                    await self._proc.wait_idle()
-                    results, bulk_error = await loop.run_in_executor(self._executor, self._apply, ops, bulk, True)
+                results, bulk_error = await loop.run_in_executor(self._executor, self._apply, ops, bulk)
             except BaseException as exc:  # the thread died: fail the group loudly, keep serving
                 log.exception("writer batch failed")
                 results = [(False, StoreError(f"write failed: {exc!r}"))] * len(batch)
                 bulk_error = StoreError(f"write failed: {exc!r}")
             finally:
-                if self._turn:
-                    assert self._proc is not None
+                if self._proc is not None:
                     self._turn = False
                     self._proc.kick()
             elapsed = time.perf_counter() - started
@@ -225,19 +219,15 @@ class Writer:
                     future.set_exception(value)
 
     def _apply(
-        self, ops: list[Op], bulk: dict[str, list[tuple[Any, ...]]], held: bool = False
+        self, ops: list[Op], bulk: dict[str, list[tuple[Any, ...]]]
     ) -> tuple[list[tuple[bool, Any]], Exception | None]:
-        """Runs on the writer thread: the whole group in one transaction.
-
-        With the bulk child, the write lock is asked for with a short timeout and `_Busy` raised when the child
-        keeps it (`held`: the child is idle, wait as long as it takes).
-        """
+        """Runs on the writer thread: the whole group in one transaction."""
         conn = self._conn
         assert conn is not None
-        if self._proc is None or held:
+        if self._proc is None:
             conn.execute("BEGIN IMMEDIATE")
         else:
-            _begin_or_busy(conn)
+            self._metrics.writer_lock_wait.observe(_begin(conn))
         try:
             for sql, rows in bulk.items():
                 conn.executemany(sql, rows)
@@ -291,22 +281,22 @@ class Writer:
         self._executor.shutdown(wait=True)
 
 
-class _Busy(Exception):
-    """The bulk child held the write lock for longer than `_LOCK_WAIT_MS`."""
-
-
-def _begin_or_busy(conn: sqlite3.Connection) -> None:
-    """BEGIN IMMEDIATE, waiting at most `_LOCK_WAIT_MS` for the lock (SQLite's busy handler sleeps 1, 2, 5, 10...
-    ms between tries, the GIL released)."""
-    conn.execute(f"PRAGMA busy_timeout = {_LOCK_WAIT_MS}")
+def _begin(conn: sqlite3.Connection) -> float:
+    """BEGIN IMMEDIATE, asking for the write lock every `_LOCK_POLL_S` (the GIL released while it sleeps);
+    returns the seconds waited."""
+    started = time.monotonic()
+    conn.execute("PRAGMA busy_timeout = 0")
     try:
-        conn.execute("BEGIN IMMEDIATE")
-    except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
-            raise _Busy from None
-        raise
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return time.monotonic() - started
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() - started > _LOCK_WAIT_S:
+                    raise
+            time.sleep(_LOCK_POLL_S)
     finally:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout = {int(_LOCK_WAIT_S * 1000)}")
 
 
 def _close(conn: sqlite3.Connection) -> None:
