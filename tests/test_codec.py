@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import random
+import re
 from typing import Any
 
 import msgpack
@@ -370,3 +375,299 @@ def test_extract_metrics_bounds_nesting() -> None:
         deep = {"k": deep}
     metrics, _ = codec.extract_metrics("telemetry", {"shallow": 2, "deep": deep})
     assert metrics == [("shallow", 2.0)]
+
+
+# --- the fast paths agree with the plain reading ----------------------------------------------------------------
+# decode, normalize and extract_metrics have fast paths for the common telemetry shapes (a flat JSON object of
+# numbers); these are the straightforward versions they replaced, and every input must give the same result,
+# the same error reason, or the same exception.
+
+
+def _reference_decode(data: bytes, msgpack_payload: bool = False) -> Any:
+    if not data:
+        return None
+    if msgpack_payload:
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise PayloadError("bad_msgpack", str(exc)) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PayloadError("not_utf8", "payload is not UTF-8 text") from None
+    stripped = text.strip().lstrip("\ufeff")
+    if stripped[:1] in ("{", "["):
+        try:
+            return json.loads(stripped)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise PayloadError("bad_json", f"payload is not valid JSON: {exc}") from None
+    try:
+        return json.loads(stripped)
+    except (json.JSONDecodeError, RecursionError):
+        return text
+
+
+def _reference_normalize(value: Any, depth: int = 0, key: str = "") -> Any:
+    if depth > 32:
+        return None
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            name = codec.snake_case(str(k))
+            out[name] = _reference_normalize(v, depth + 1, name)
+        return out
+    if isinstance(value, list):
+        return [_reference_normalize(v, depth + 1, key) for v in value]
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if key and re.fullmatch(r"(.*_)?(version|id|serial|mac|sku|code)$", key):
+            return value
+        if text.lower() in {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}:
+            return None
+        if re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", text):
+            return codec.to_number(text)
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def _reference_flatten(prefix: str, value: Any, out: list[tuple[str, float | None]], depth: int) -> None:
+    if depth > 8:
+        return
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if depth == 0 and key in {"device_id", "sequence_id", "time", "timestamp", "ts"}:
+                continue
+            _reference_flatten(f"{prefix}.{key}" if prefix else str(key), inner, out, depth + 1)
+        return
+    if isinstance(value, list | str) or value is None:
+        if value is None and prefix:
+            out.append((prefix, None))
+        return
+    number = codec.to_number(value)
+    out.append((prefix, None if number is None else float(number)))
+
+
+def _reference_extract_metrics(action: str, payload: Any) -> tuple[list[tuple[str, float | None]], float | None]:
+    time_keys = ("time", "timestamp", "ts")
+    if isinstance(payload, dict):
+        ts = next((codec.parse_time(payload[k]) for k in time_keys if k in payload), None)
+        if "value" in payload and set(payload) <= {"value", *time_keys, "unit", "device_id"}:
+            number = codec.to_number(payload["value"])
+            return [(action, None if number is None else float(number))], ts
+        out: list[tuple[str, float | None]] = []
+        _reference_flatten("", payload, out, 0)
+        return out, ts
+    number = codec.to_number(payload)
+    if number is not None:
+        return [(action, float(number))], None
+    return [], None
+
+
+def _outcome(fn: Any, *args: Any) -> tuple[str, Any]:
+    """A result as comparable data: values with their exact types (NaN included), or the error and its reason."""
+    try:
+        return "ok", _typed(fn(*args))
+    except PayloadError as exc:
+        return "payload_error", exc.reason
+    except Exception as exc:
+        return "raises", type(exc)
+
+
+def _typed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ("dict", [(_typed(k), _typed(v)) for k, v in value.items()])
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [_typed(v) for v in value])
+    if isinstance(value, float):
+        return ("float", repr(value))  # nan == nan, and -0.0 is not 0.0
+    return (type(value).__name__, value)
+
+
+_PAYLOADS = [
+    b"",
+    b'{"temperature": 21.53, "humidity": 40.1}    ',
+    b'{"temperature": 21.53, "humidity": 40.1}\t\r\n',
+    b'{"temperature": "21.53", "humidity": "", "heapFreeKb": 12, "fwVersion": "1.10", "serial": "007"}',
+    b'{"a":1,"b":2,"a":3}',
+    b'{"a": 1, "A": 2}',
+    b'{"a": 123456789012345678901234567890, "b": -18446744073709551616, "c": 18446744073709551615}',
+    b'{"a": -0, "b": -0.0, "c": 1E5, "d": 1e-400, "e": 2.2250738585072011e-308, "f": 9007199254740993}',
+    b'{"a": 1e400}',
+    b'{"a": -1e400}',
+    b'{"a": 1.7976931348623159e308}',
+    b'{"a": NaN, "b": Infinity, "c": -Infinity}',
+    b"[NaN]",
+    b'{"a": "\\ud800"}',
+    b'{"a": "\\udc00\\ud800"}',
+    b'{"a": "\\ud83d\\ude00", "\\u0061": "\\u0000\\/"}',
+    b'{"a": "x\x01"}',
+    b'{"a": "\t"}',
+    b'{"a": "x\x7f"}',
+    b'{"a": "\xff"}',
+    b'{"a": "\xed\xa0\x80"}',
+    b'{"a": "\xc0\x80"}',
+    b'{"a": "\xf4\x90\x80\x80"}',
+    '{"caf\u00e9": "\u00e9t\u00e9"}'.encode(),
+    b'{"a": 01}',
+    b'{"a": 1.}',
+    b'{"a": .5}',
+    b"[1,]",
+    b'{"a":1,}',
+    b'{"a":1}\x0b',
+    '{"a":1}\x0c\x1c\x1d\x1e\x1f\x85'.encode(),
+    '{"a":1}\u00a0\u2028\u3000'.encode(),
+    '{"a":1}\ufeff'.encode(),
+    b'\xef\xbb\xbf{"a":1}',
+    b'\xef\xbb\xbf\xef\xbb\xbf{"a":1}',
+    '\ufeff {"a":1}'.encode(),
+    ' \ufeff{"a":1}'.encode(),
+    b'{"a": 1}{}',
+    b'{"a": 1}\x00',
+    b'\x00{"a": 1}',
+    b'{"a": True}',
+    b'{"a": true, "b": false, "c": null, "d": [], "e": {}}',
+    b'{"a": ' + b"1" * 4300 + b"}",
+    b'{"a": ' + b"1" * 4301 + b"}",
+    b'{"a": ' + b"1" * 400 + b".5}",
+    b"[" * 100_000,
+    b"[" * 990 + b"]" * 990,
+    b"[" * 995 + b"]" * 995,
+    b"[" * 2000 + b"]" * 2000,
+    b'{"a":' * 600 + b"1" + b"}" * 600,
+    b"[1, 2.5, null]",
+    b"[1E+05, 1e-05, 0e0, -0E-0, 1.0e+1, 0.1e1, 100000000000000000000.0]",
+    b"[+1]",
+    b"[-]",
+    b"[1e]",
+    b"[0x10]",
+    b'{"a" : 1 , "b":[ ] ,"c" :{ } }',
+    b'{"a": "\\x"}',
+    b'{"a": "\\u12"}',
+    b'{"a": "\\U0041"}',
+    b"42",
+    b"-3.5",
+    b"true",
+    b'"quoted"',
+    b"online",
+    b"  ",
+    b"NaN",
+    b"1e400",
+    b"{bad",
+    b"  {",
+    b"{'a': 1}",
+    b"\xff\xfe",
+    b'{"time": 1767322000, "value": "5", "unit": "C"}',
+    b'{"ts": "2026-01-02T03:04:05Z", "t": 1, "device_id": "x", "sequence_id": 3}',
+    b'{"deviceId": "s1", "heapFreeKb": "123", "rssi": "", "tempC": "21.5", "time": "2024-01-01T00:00Z"}',
+    b'{"env": {"tempC": 1, "hum": {"rel": "2"}}, "tags": ["1", 2, {"x": "3"}], "on": true, "n": null}',
+    b'{"": 1, "t": {"": 2}, "a-b": 3, "HTTPCode": "4", "x_id": "5", "mac": " 6 "}',
+    b'{"big": 123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890'
+    + b"1" * 300
+    + b"}",
+    b'{"b": ' + b"9" * 309 + b"}",
+    b'{"value": null}',
+    b'{"value": [1]}',
+    b'{"value": {"a": 1}, "time": 5}',
+]
+
+
+def _fuzz(rng: random.Random) -> bytes:
+    """JSON-ish bytes: valid objects of metrics, then some of them mangled."""
+    keys = ["t", "temp", "tempC", "heapFreeKb", "x_id", "time", "ts", "value", "unit", "a-b", "", "\u00e9", "device_id"]
+    scalars = [
+        lambda: rng.uniform(-1e6, 1e6),
+        lambda: rng.randint(-(10**30), 10**30),
+        lambda: rng.choice([0, -0.0, 1e-320, 1e308, True, False, None]),
+        lambda: rng.choice(["", " 1 ", "1.5e3", "nan", "Infinity", "abc", "007", "\u00e9", "1e999"]),
+        lambda: rng.randint(1_577_836_800, 1_800_000_000) * rng.choice([1, 1000]),
+    ]
+
+    def value(depth: int) -> Any:
+        roll = rng.random()
+        if depth < 4 and roll < 0.1:
+            return {rng.choice(keys): value(depth + 1) for _ in range(rng.randint(0, 3))}
+        if depth < 4 and roll < 0.15:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return rng.choice(scalars)()
+
+    doc = {rng.choice(keys): value(1) for _ in range(rng.randint(0, 6))}
+    text = json.dumps(doc, ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1]))
+    data = bytearray(text.encode())
+    for _ in range(rng.choice([0, 0, 0, 1, 2])):
+        at = rng.randrange(len(data) + 1)
+        mangle = rng.random()
+        if mangle < 0.3 and data:
+            del data[min(at, len(data) - 1)]
+        elif mangle < 0.6:
+            data[at:at] = bytes([rng.randrange(256)])
+        else:
+            data[at:at] = rng.choice([b"NaN", b"\\u", b'"', b",", b"}", b"]", b" ", b"\xc3", b"\t", b"-", b"e9"])
+    return bytes(data)
+
+
+def _agree(data: bytes, msgpack_payload: bool = False) -> None:
+    expected = _outcome(_reference_decode, data, msgpack_payload)
+    assert _outcome(codec.decode, data, msgpack_payload) == expected, data[:200]
+    if expected[0] != "ok":
+        return
+    value = _reference_decode(data, msgpack_payload)
+    normal = _outcome(_reference_normalize, value)
+    assert _outcome(codec.normalize, value) == normal, data[:200]
+    for action in ("telemetry", "env.temp"):
+        for payload in (value, _reference_normalize(value)):
+            want = _outcome(_reference_extract_metrics, action, payload)
+            assert _outcome(codec.extract_metrics, action, payload) == want, data[:200]
+
+
+@pytest.mark.parametrize("data", _PAYLOADS, ids=lambda v: repr(v)[:40])
+def test_fast_paths_agree_with_the_reference_on_edge_cases(data: bytes) -> None:
+    _agree(data)
+
+
+def test_fast_paths_agree_with_the_reference_on_random_payloads() -> None:
+    rng = random.Random(2024)
+    for _ in range(20_000):
+        _agree(_fuzz(rng))
+
+
+def test_fast_paths_agree_with_the_reference_on_msgpack_and_python_values() -> None:
+    rng = random.Random(7)
+    values: list[Any] = [
+        {1: b"\x01", "heapFreeKb": 5, 2.5: float("nan"), None: "x", b"k": [b"a"]},
+        {"a": float("inf"), "b": -0.0, "c": 2**70, "d": "1e999", "e": {"fC": {"g": " 1 "}}},
+        {"time": 1767322000, "value": b"\x00"},
+        {"tuple": (1, 2)},
+    ]
+    deep: Any = 1.5
+    for _ in range(40):
+        deep = {"kK": deep, "n": 2}
+        values.append(deep)
+    for value in values:
+        if "c" not in value:  # 2**70 does not fit msgpack
+            _agree(msgpack.packb(value), msgpack_payload=True)
+        normal = _outcome(_reference_normalize, value)
+        assert _outcome(codec.normalize, value) == normal
+        for payload in (value, _reference_normalize(value)):
+            want = _outcome(_reference_extract_metrics, "telemetry", payload)
+            assert _outcome(codec.extract_metrics, "telemetry", payload) == want
+    for _ in range(3000):
+        try:
+            value = json.loads(_fuzz(rng))
+        except ValueError:
+            continue
+        with contextlib.suppress(OverflowError):
+            _agree(msgpack.packb(value), msgpack_payload=True)
+
+
+def test_decode_nesting_near_the_recursion_limit_is_refused_as_before() -> None:
+    """Python's json gives up at the interpreter's recursion limit (less the frames already in use): the same
+    payloads are refused, whatever the decoder."""
+    for depth in [*range(850, 1000), 1500]:
+        for data in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
+            assert _outcome(codec.decode, data) == _outcome(_reference_decode, data), depth

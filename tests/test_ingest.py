@@ -5,9 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import msgpack
+import pytest
 from conftest import Running, require, run_cmd, topic
+
+from gateway import config
+from gateway.hub import Hub
+from gateway.ingest import Ingest, Message
+from gateway.metrics import Metrics
+from gateway.models import Device
 
 
 async def _device(gateway: Running, paho_clients, device_id: str = "btn-1", **kw):
@@ -270,3 +278,255 @@ async def test_traffic_log_is_capped_but_every_measurement_is_stored(tmp_path) -
         assert 5 <= traffic <= 8  # one second's burst, plus what refilled meanwhile
         assert gw.gw.metrics.traffic_skipped._value.get() == 40 - traffic
         await client.close()
+
+
+# --- Ingest.submit on the loop, with a recording writer -------------------------------------------------------
+# What submit does per message (rows and their order, presence, counters, drops, latency tracking) pinned without
+# a broker or a database, so the hot path can be made cheaper without changing what it does.
+
+
+class _Writer:
+    """Records appends and ops; appended rows share one group future until `commit_group`."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, ...]] = []
+        self.group: asyncio.Future[Any] | None = None
+        self.ops: list[asyncio.Future[Any]] = []
+
+    def append(self, sql: str, row: tuple[Any, ...]) -> asyncio.Future[Any]:
+        self.log.append((sql.split()[2].split("(")[0], *row))
+        if self.group is None:
+            self.group = asyncio.get_running_loop().create_future()
+        return self.group
+
+    def submit(self, op: Any) -> asyncio.Future[Any]:
+        self.log.append(("op",))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.ops.append(future)
+        return future
+
+    def commit_group(self) -> None:
+        assert self.group is not None
+        self.group.set_result(None)
+        self.group = None
+
+
+class _Presence:
+    def __init__(self, log: list[tuple[Any, ...]]) -> None:
+        self.log = log
+
+    def seen(self, device_id: str, ts: float, transition: bool = True) -> None:
+        self.log.append(("seen", device_id, ts, transition))
+
+    def apply(self, kind: str, data: dict[str, Any]) -> None:
+        self.log.append(("apply", kind))
+
+
+class _Accounts:
+    def __init__(self, devices: list[Device]) -> None:
+        self.accounts: dict[str, Any] = {d.device_id: d for d in devices}
+
+    def device(self, device_id: str) -> Device | None:
+        return self.accounts.get(device_id)
+
+
+def _ingest(**overrides: Any) -> tuple[Ingest, _Writer, _Accounts, Metrics]:
+    cfg = config.load(None, {}, {"store.traffic_rate": 0, **overrides})
+    writer = _Writer()
+    accounts = _Accounts(
+        [Device("s1", "yacht", "c101", "sensor", False), Device("b1", "yacht", "c101", "button", False)]
+    )
+    metrics = Metrics()
+    presence = _Presence(writer.log)
+    ingest = Ingest(cfg, writer, accounts, presence, Hub(metrics), metrics)  # type: ignore[arg-type]
+    return ingest, writer, accounts, metrics
+
+
+def _sample(metric: Any, name: str, **labels: str) -> float:
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+S1 = "bosun/yacht/c101/sensor/s1/"
+NOW = 1_767_323_000.0
+
+
+async def test_submit_telemetry_rows_presence_and_counters() -> None:
+    ingest, writer, _, metrics = _ingest()
+    payload = b'{"temperature": 21.53, "humidity": 40.1}   '
+    first = ingest.submit(Message("s1", S1 + "telemetry", payload, 1, False, NOW))
+    second = ingest.submit(Message("s1", S1 + "telemetry", b'{"temperature": 22}', 0, True, NOW + 1))
+    assert first is not None and first is second is writer.group  # one group: one latency callback
+    assert writer.log == [
+        ("seen", "s1", NOW, True),
+        ("measurements", "s1", "temperature", NOW, 21.53),
+        ("measurements", "s1", "humidity", NOW, 40.1),
+        ("traffic", NOW, "in", "s1", S1 + "telemetry", 1, 0, len(payload), payload, None),
+        ("seen", "s1", NOW + 1, True),
+        ("measurements", "s1", "temperature", NOW + 1, 22.0),
+        ("traffic", NOW + 1, "in", "s1", S1 + "telemetry", 0, 1, 19, b'{"temperature": 22}', None),
+    ]
+    assert all(type(row[4]) is float for row in writer.log if row[0] == "measurements")
+    assert _sample(metrics.messages, "bosun_mqtt_messages_total", action="telemetry") == 0  # at the turn's end
+    await asyncio.sleep(0)
+    assert _sample(metrics.messages, "bosun_mqtt_messages_total", action="telemetry", direction="in") == 2
+    assert _sample(metrics.stored, "bosun_stored_rows_total", table="measurements") == 3
+    writer.commit_group()
+    await asyncio.sleep(0)
+    assert _sample(metrics.commit_latency, "bosun_ingest_commit_seconds_count") == 2
+
+
+@pytest.mark.parametrize(
+    ("action", "payload", "rows"),
+    [
+        # the device's own time when it is plausible, the receive time otherwise
+        ("telemetry", b'{"t": 1, "time": 1767322000}', [("t", 1767322000.0, 1.0)]),
+        ("telemetry", b'{"t": 1, "ts": 1767322000500}', [("t", 1767322000.5, 1.0)]),
+        ("telemetry", b'{"t": 1, "time": 100}', [("t", NOW, 1.0)]),
+        ("telemetry", b'{"t": 1, "time": 1767500000}', [("t", NOW, 1.0)]),
+        ("telemetry", b'{"t": 1, "timestamp": "2026-01-02T03:04:05Z", "time": 5}', [("t", NOW, 1.0)]),
+        ("telemetry", b'{"t": 1, "timestamp": "2026-01-02T03:04:05Z"}', [("t", 1767323045.0, 1.0)]),
+        # seed 002 normalization, nesting, invalid numbers, identity keys
+        (
+            "telemetry",
+            b'{"heapFreeKb": "12", "tempC": " 21.5 ", "bad": "n/a", "memory": {"usedPct": 3}, "nan": NaN, "big": 1e400,'
+            b' "list": [1], "on": true, "none": null, "deviceId": "x", "sequence_id": 4, "fw_version": "1"}',
+            [
+                ("heap_free_kb", NOW, 12.0),
+                ("temp_c", NOW, 21.5),
+                ("memory.used_pct", NOW, 3.0),
+                ("nan", NOW, None),
+                ("big", NOW, None),
+                ("on", NOW, 1.0),
+                ("none", NOW, None),
+            ],
+        ),
+        ("telemetry", b'{"a": 1, "A": 2, "a": 3}', [("a", NOW, 2.0)]),  # duplicate keys: the last one wins
+        ("telemetry", b'{"n": 123456789012345678901234567890}', [("n", NOW, 1.2345678901234568e29)]),
+        ("telemetry", '\ufeff {"t": 2}\u00a0'.encode(), [("t", NOW, 2.0)]),  # BOM and Unicode spaces
+        # one value named after the action (levels become dots), a bare number
+        ("temperature", b'{"value": "7", "unit": "C"}', [("temperature", NOW, 7.0)]),
+        ("env/temp", b'{"value": 7, "time": 1767322000}', [("env.temp", 1767322000.0, 7.0)]),
+        ("env/temp", b"21.5", [("env.temp", NOW, 21.5)]),
+        ("env/temp", b' "-3" ', [("env.temp", NOW, -3.0)]),
+        ("temperature.mp", msgpack.packb({"value": 3.5, "heapFreeKb": b"\x01"}), [("value", NOW, 3.5)]),
+        ("temperature.mp", msgpack.packb(4), [("temperature", NOW, 4.0)]),
+        ("telemetry", b'{"value": 1, "extra": 2}', [("value", NOW, 1.0), ("extra", NOW, 2.0)]),
+        ("telemetry", b'{"": 5, "t": {"": 6}}', [("", NOW, 5.0), ("t.", NOW, 6.0)]),
+    ],
+    ids=lambda v: repr(v)[:40],
+)
+async def test_submit_telemetry_forms(action: str, payload: bytes, rows: list[tuple[Any, ...]]) -> None:
+    ingest, writer, _, _ = _ingest()
+    future = ingest.submit(Message("s1", S1 + action, payload, 1, False, NOW))
+    assert future is writer.group is not None
+    assert writer.log == [
+        ("seen", "s1", NOW, True),
+        *[("measurements", "s1", name, when, value) for name, when, value in rows],
+        ("traffic", NOW, "in", "s1", S1 + action, 1, 0, len(payload), payload, None),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("topic_", "payload", "reason", "action"),
+    [
+        (S1 + "telemetry", b'{"t": 1,}', "bad_json", "telemetry"),
+        (S1 + "telemetry", b"[" * 5000, "bad_json", "telemetry"),
+        (S1 + "telemetry", b'{"t": "\xff"}', "not_utf8", "telemetry"),
+        (S1 + "telemetry", b'{"t": "\x01"}', "bad_json", "telemetry"),
+        (S1 + "telemetry", b'{"t": 1} {}', "bad_json", "telemetry"),
+        (S1 + "telemetry.mp", b"\xc1", "bad_msgpack", "telemetry"),
+        (S1 + "telemetry", b"x" * 70_000, "oversized_payload", "other"),
+        ("bosun/yacht/c101/sensor/s1", b"{}", "short_topic", "bad_topic"),
+        (S1 + "bad level", b"{}", "bad_segment", "bad_topic"),
+        ("bosun/yacht/c101/sensor/nobody/telemetry", b'{"t": 1}', "unknown_device", "telemetry"),
+        ("bosun/yacht/c102/sensor/s1/telemetry", b'{"t": 1}', "wrong_namespace", "telemetry"),
+    ],
+    ids=lambda v: repr(v)[:40],
+)
+async def test_submit_refusals_are_logged_and_counted(topic_: str, payload: bytes, reason: str, action: str) -> None:
+    ingest, writer, _, metrics = _ingest()
+    future = ingest.submit(Message("s1", topic_, payload, 1, False, NOW))
+    kept = payload[:1024]
+    assert writer.log == [("traffic", NOW, "in", "s1", topic_, 1, 0, len(payload), kept, reason)]
+    assert future is writer.group is not None
+    assert _sample(metrics.drops, "bosun_drops_total", reason=reason) == 1
+    await asyncio.sleep(0)
+    assert _sample(metrics.messages, "bosun_mqtt_messages_total", action=action, direction="in") == 1
+    assert _sample(metrics.stored, "bosun_stored_rows_total", table="measurements") == 0
+
+
+async def test_submit_other_routes() -> None:
+    ingest, writer, _, metrics = _ingest()
+    b1 = "bosun/yacht/c101/button/b1/"
+    assert ingest.submit(Message("x", "other/thing", b"hi", 0, False, NOW)) is None
+    nothing = ingest.submit(Message("s1", S1 + "telemetry", b'{"state": "ok", "t": [1]}', 0, False, NOW))
+    empty = ingest.submit(Message("s1", S1 + "telemetry", b"", 0, False, NOW))
+    command = ingest.submit(Message("s1", S1 + "cmd/notify", b'{"a": 1}', 0, False, NOW))
+    status = ingest.submit(Message("b1", b1 + "status", b'{"battery": 80}', 1, False, NOW))
+    availability = ingest.submit(Message("b1", b1 + "availability", b"online", 1, True, NOW))
+    assert writer.log == [
+        ("traffic", NOW, "in", "x", "other/thing", 0, 0, 2, b"hi", None),
+        ("seen", "s1", NOW, True),
+        ("traffic", NOW, "in", "s1", S1 + "telemetry", 0, 0, 25, b'{"state": "ok", "t": [1]}', None),
+        ("seen", "s1", NOW, True),
+        ("traffic", NOW, "in", "s1", S1 + "telemetry", 0, 0, 0, b"", None),
+        ("seen", "s1", NOW, True),
+        ("traffic", NOW, "in", "s1", S1 + "cmd/notify", 0, 0, 8, b'{"a": 1}', None),
+        ("seen", "b1", NOW, True),
+        ("traffic", NOW, "in", "b1", b1 + "status", 1, 0, 15, b'{"battery": 80}', None),
+        ("op",),
+        ("seen", "b1", NOW, False),
+        ("traffic", NOW, "in", "b1", b1 + "availability", 1, 1, 6, b"online", None),
+        ("op",),
+    ]
+    assert nothing is empty is command is writer.group is not None
+    assert (status, availability) == tuple(writer.ops)
+    assert _sample(metrics.drops, "bosun_drops_total", reason="no_measurements") == 2
+    await asyncio.sleep(0)
+    counts = {a: _sample(metrics.messages, "bosun_mqtt_messages_total", action=a) for a in ("other", "telemetry")}
+    assert counts == {"other": 1, "telemetry": 2}
+    assert _sample(metrics.messages, "bosun_mqtt_messages_total", action="cmd") == 1
+    writer.commit_group()
+    writer.ops[0].set_result([("device.status", {"device_id": "b1"})])
+    writer.ops[1].set_result([])
+    await asyncio.sleep(0)
+    assert writer.log[-1] == ("apply", "device.status")
+    assert _sample(metrics.commit_latency, "bosun_ingest_commit_seconds_count") == 3 + 2
+
+
+async def test_submit_checks_a_topic_again_after_a_registry_reload() -> None:
+    ingest, writer, accounts, metrics = _ingest()
+    new = "bosun/yacht/c101/sensor/s2/telemetry"
+    ingest.submit(Message("s2", new, b'{"t": 1}', 0, False, NOW))
+    accounts.accounts = {**accounts.accounts, "s2": Device("s2", "yacht", "c101", "sensor", False)}
+    ingest.submit(Message("s2", new, b'{"t": 2}', 0, False, NOW))
+    accounts.accounts = {k: v for k, v in accounts.accounts.items() if k != "s1"}  # s1 removed
+    ingest.submit(Message("s1", S1 + "telemetry", b'{"t": 3}', 0, False, NOW))
+    assert [row for row in writer.log if row[0] != "traffic"] == [
+        ("seen", "s2", NOW, True),
+        ("measurements", "s2", "t", NOW, 2.0),
+    ]
+    assert [row[-1] for row in writer.log if row[0] == "traffic"] == ["unknown_device", None, "unknown_device"]
+    assert _sample(metrics.drops, "bosun_drops_total", reason="unknown_device") == 2
+
+
+async def test_submit_traffic_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    ingest, writer, _, metrics = _ingest(**{"store.traffic_rate": 3})
+    logged = []
+    for step in (0, 0, 0, 0, 0, 0.2, 0.2, 0.1, 5.0, 0, 0, 0, 0):
+        clock[0] += step
+        before = len(writer.log)
+        ingest.submit(Message("s1", S1 + "telemetry", b'{"t": 1}', 0, False, NOW))
+        logged.append(writer.log[before:][-1][0] == "traffic")
+    ingest.submit(Message("s1", S1 + "telemetry", b"{", 0, False, NOW))  # errors are always logged
+    assert writer.log[-1][-1] == "bad_json"
+    assert logged == [True, True, True, False, False, False, True, False, True, True, True, False, False]
+    await asyncio.sleep(0)
+    assert _sample(metrics.traffic_skipped, "bosun_traffic_log_skipped_total") == logged.count(False)
+    assert _sample(metrics.stored, "bosun_stored_rows_total", table="measurements") == len(logged)
