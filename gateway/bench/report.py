@@ -317,7 +317,12 @@ def _chart(runs: list[dict[str, Any]]) -> Panel | None:
             Text(_spark(series), style="cyan"),
             f"{min(series):,.0f}-{max(series):,.0f}",
         )
-    return Panel(table, title="PUBACK latency (bars) and stored msg/s per second (sparkline)", expand=False)
+        tail = [point.get("puback_p99_ms", 0.0) for point in r["timeline"]]
+        if any(tail):
+            table.add_row("PUBACK p99/s", Text(_spark(tail), style="red"), f"{min(tail):,.0f}-{max(tail):,.0f} ms")
+    return Panel(
+        table, title="PUBACK latency (bars); stored msg/s and PUBACK p99 per second (sparklines)", expand=False
+    )
 
 
 def render(results: dict[str, Any], console: Console) -> None:

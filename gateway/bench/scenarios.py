@@ -150,15 +150,20 @@ class DurableSession:
             self.samples.clear()
             monitor.start()
             last = before
+            mark = 0
             while time.monotonic() < end - 0.05:
                 await _sleep_until(min(last["t"] + 1.0, end), started, end, report, "measuring", self.counters)
                 now = await self._snapshot(histogram=False)
                 span = now["t"] - last["t"]
+                second = self.samples[mark:]
+                mark = len(self.samples)
                 timeline.append(
                     {
                         "t": round(now["t"] - before["t"], 2),
                         "acked_per_s": round((now["counters"].acked - last["counters"].acked) / span, 1),
                         "stored_per_s": round((now["rows"] - last["rows"]) / METRICS_PER_MESSAGE / span, 1),
+                        # the PUBACKs of this second: where in the run the tail is
+                        "puback_p99_ms": round(stats.percentile(sorted(second), 99) * 1000, 1) if second else 0.0,
                     }
                 )
                 rss_peak = max(rss_peak, self.gateway.rss_bytes())

@@ -30,13 +30,13 @@ __all__ = ["Op", "Writer"]
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 log = logging.getLogger(__name__)
-# Frequent small checkpoints, not rare big ones: pages already copied into the database are no longer looked up in
-# the WAL, so while a checkpoint lags every commit's page lookups grow with the WAL (about 4 KB of WAL per
-# measurement row: one index page each). A stand-alone replay of the bulk writer's groups committed 19,600 rows/s
-# with no checkpoint and 38,000 with a PASSIVE one every 0.25 s from another connection; in make bench (FULL,
-# 10,000 msg/s) a 10 s period let the bulk commits grow from ~2 ms to 40-90 ms about 15 s into the load.
-# A PASSIVE checkpoint with nothing to copy costs microseconds and holds no GIL.
-_CHECKPOINT_S = 0.25
+# Checkpoints every 2 s: often enough that the WAL stays short (pages not yet copied into the database are looked
+# up in the WAL, so a lagging checkpoint makes every commit slower: a 10 s period let the bulk commits grow from
+# ~2 ms to 40-90 ms about 15 s into make bench), rarely enough that a leaf page the load keeps changing (one per
+# device in the measurements index) is copied once per period, not at every checkpoint. Measured at 10,000 msg/s
+# FULL, three alternating 10 s runs each: PUBACK p99 260, 108, 179 ms every 0.25 s against 119, 51, 135 ms every
+# 2 s. A PASSIVE checkpoint never blocks a writer and holds no GIL.
+_CHECKPOINT_S = 2.0
 # Ops (presses, acks, status) go before the next bulk group: the child is held from sending more while the writer
 # thread asks for the write lock every half millisecond, so an op waits for at most the groups already in flight.
 # Waiting for the child to go idle first (and SQLite's busy handler, which sleeps 1, 2, 5 ... 100 ms between tries
