@@ -76,12 +76,27 @@ def decode(data: bytes, msgpack_payload: bool = False) -> Any:
     if stripped[:1] in ("{", "["):
         try:
             return json.loads(stripped)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:  # ValueError: JSONDecodeError, or an int of too many digits
             raise PayloadError("bad_json", f"payload is not valid JSON: {exc}") from None
     try:
         return json.loads(stripped)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return text
+
+
+# Python refuses to turn more digits than this into an int (sys.get_int_max_str_digits): such a "number" is not one
+_MAX_INT_DIGITS = 4300
+
+
+def as_float(number: float | None) -> float | None:
+    """A finite float, or None (an int too large for a float is an invalid number, not a crash)."""
+    if number is None:
+        return None
+    try:
+        result = float(number)
+    except OverflowError:
+        return None
+    return result if math.isfinite(result) else None
 
 
 def to_number(value: Any) -> int | float | None:
@@ -94,7 +109,7 @@ def to_number(value: Any) -> int | float | None:
         return value if math.isfinite(value) else None
     if isinstance(value, str):
         text = value.strip()
-        if _INT.fullmatch(text):
+        if _INT.fullmatch(text) and len(text) <= _MAX_INT_DIGITS:
             return int(text)
         if _NUMBER.fullmatch(text):
             number = float(text)
@@ -155,10 +170,11 @@ def parse_time(value: Any) -> float | None:
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        if not math.isfinite(value) or value <= 0:
+        seconds = as_float(value)
+        if seconds is None or seconds <= 0:
             return None
         # device clocks send seconds or milliseconds; anything past year 5000 in seconds is milliseconds
-        return float(value) / 1000.0 if value > 1e11 else float(value)
+        return seconds / 1000.0 if seconds > 1e11 else seconds
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -189,8 +205,7 @@ def _flatten(prefix: str, value: Any, out: list[tuple[str, float | None]], depth
         if value is None and prefix:
             out.append((prefix, None))
         return
-    number = to_number(value)
-    out.append((prefix, None if number is None else float(number)))
+    out.append((prefix, as_float(to_number(value))))
 
 
 def extract_metrics(action: str, payload: Any) -> tuple[list[tuple[str, float | None]], float | None]:
@@ -206,8 +221,7 @@ def extract_metrics(action: str, payload: Any) -> tuple[list[tuple[str, float | 
                 ts = parse_time(payload[k])
                 break
         if "value" in payload and set(payload) <= _VALUE_KEYS:
-            number = to_number(payload["value"])
-            return [(action, None if number is None else float(number))], ts
+            return [(action, as_float(to_number(payload["value"])))], ts
         out: list[tuple[str, float | None]] = []
         # `_flatten("", payload, out, 0)`, with the top level's numbers inline
         isfinite = math.isfinite
@@ -218,11 +232,11 @@ def extract_metrics(action: str, payload: Any) -> tuple[list[tuple[str, float | 
             if kind is float:
                 out.append((key if type(key) is str else str(key), inner if isfinite(inner) else None))
             elif kind is int:
-                out.append((key if type(key) is str else str(key), float(inner)))
+                out.append((key if type(key) is str else str(key), as_float(inner)))
             else:
                 _flatten(key if type(key) is str else str(key), inner, out, 1)
         return out, ts
     number = to_number(payload)
     if number is not None:
-        return [(action, float(number))], None
+        return [(action, as_float(number))], None
     return [], None

@@ -380,7 +380,9 @@ def test_extract_metrics_bounds_nesting() -> None:
 # --- the fast paths agree with the plain reading ----------------------------------------------------------------
 # decode, normalize and extract_metrics have fast paths for the common telemetry shapes (a flat JSON object of
 # numbers); these are the straightforward versions they replaced, and every input must give the same result,
-# the same error reason, or the same exception.
+# the same error reason, or the same exception. One fix since: an int too large for a float is an invalid number
+# (None), where float() raised OverflowError into ingest; and JSON with an int of more digits than Python reads
+# is bad JSON (ValueError was not caught).
 
 
 def _reference_decode(data: bytes, msgpack_payload: bool = False) -> Any:
@@ -399,12 +401,19 @@ def _reference_decode(data: bytes, msgpack_payload: bool = False) -> Any:
     if stripped[:1] in ("{", "["):
         try:
             return json.loads(stripped)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise PayloadError("bad_json", f"payload is not valid JSON: {exc}") from None
     try:
         return json.loads(stripped)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
         return text
+
+
+def _finite(number: float | None) -> float | None:
+    try:
+        return None if number is None or not math.isfinite(float(number)) else float(number)
+    except OverflowError:
+        return None
 
 
 def _reference_normalize(value: Any, depth: int = 0, key: str = "") -> Any:
@@ -449,8 +458,7 @@ def _reference_flatten(prefix: str, value: Any, out: list[tuple[str, float | Non
         if value is None and prefix:
             out.append((prefix, None))
         return
-    number = codec.to_number(value)
-    out.append((prefix, None if number is None else float(number)))
+    out.append((prefix, _finite(codec.to_number(value))))
 
 
 def _reference_extract_metrics(action: str, payload: Any) -> tuple[list[tuple[str, float | None]], float | None]:
@@ -458,14 +466,13 @@ def _reference_extract_metrics(action: str, payload: Any) -> tuple[list[tuple[st
     if isinstance(payload, dict):
         ts = next((codec.parse_time(payload[k]) for k in time_keys if k in payload), None)
         if "value" in payload and set(payload) <= {"value", *time_keys, "unit", "device_id"}:
-            number = codec.to_number(payload["value"])
-            return [(action, None if number is None else float(number))], ts
+            return [(action, _finite(codec.to_number(payload["value"])))], ts
         out: list[tuple[str, float | None]] = []
         _reference_flatten("", payload, out, 0)
         return out, ts
     number = codec.to_number(payload)
     if number is not None:
-        return [(action, float(number))], None
+        return [(action, _finite(number))], None
     return [], None
 
 
@@ -671,3 +678,22 @@ def test_decode_nesting_near_the_recursion_limit_is_refused_as_before() -> None:
     for depth in [*range(850, 1000), 1500]:
         for data in (b"[" * depth + b"]" * depth, b'{"a":' * depth + b"1" + b"}" * depth):
             assert _outcome(codec.decode, data) == _outcome(_reference_decode, data), depth
+
+
+def test_numbers_too_large_for_python_are_refused_or_invalid_never_raised() -> None:
+    """A payload must never raise out of the codec (ingest promises nothing raises into the broker): an integer
+    of more digits than Python converts is bad JSON, a numeric string of them is an invalid number (None), and
+    an integer too large for a float is an invalid measurement."""
+    digits = "9" * 5000
+    with pytest.raises(PayloadError) as refused:
+        codec.decode(('{"temperature": ' + digits + "}").encode())
+    assert refused.value.reason == "bad_json"
+    assert codec.decode(digits.encode()) == digits  # plain text, not a number
+    assert codec.normalize({"temperature": digits}) == {"temperature": None}
+    huge = 10**400
+    assert codec.extract_metrics("telemetry", {"t": huge, "h": 40}) == ([("t", None), ("h", 40.0)], None)
+    assert codec.extract_metrics("telemetry", {"value": huge}) == ([("telemetry", None)], None)
+    assert codec.extract_metrics("telemetry", {"a": {"b": huge}}) == ([("a.b", None)], None)
+    assert codec.extract_metrics("telemetry", huge) == ([("telemetry", None)], None)
+    assert codec.parse_time(huge) is None
+    assert codec.extract_metrics("telemetry", {"v": 1, "ts": huge}) == ([("v", 1.0)], None)
