@@ -524,9 +524,39 @@ async def test_submit_traffic_budget(monkeypatch: pytest.MonkeyPatch) -> None:
         before = len(writer.log)
         ingest.submit(Message("s1", S1 + "telemetry", b'{"t": 1}', 0, False, NOW))
         logged.append(writer.log[before:][-1][0] == "traffic")
+        await asyncio.sleep(0)  # the bucket is refilled at most once per loop turn
     ingest.submit(Message("s1", S1 + "telemetry", b"{", 0, False, NOW))  # errors are always logged
     assert writer.log[-1][-1] == "bad_json"
     assert logged == [True, True, True, False, False, False, True, False, True, True, True, False, False]
     await asyncio.sleep(0)
     assert _sample(metrics.traffic_skipped, "bosun_traffic_log_skipped_total") == logged.count(False)
     assert _sample(metrics.stored, "bosun_stored_rows_total", table="measurements") == len(logged)
+
+
+async def test_traffic_budget_reads_the_clock_once_per_loop_turn_when_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst beyond the rate in one loop turn: the bucket is refilled once, then rows are skipped until the next
+    turn even if the clock moved (one loop turn may carry thousands of messages)."""
+    clock = [1000.0]
+    reads = [0]
+
+    def monotonic() -> float:
+        reads[0] += 1
+        return clock[0]
+
+    monkeypatch.setattr(time, "monotonic", monotonic)
+    ingest, writer, _, _ = _ingest(**{"store.traffic_rate": 2})
+    reads[0] = 0
+    logged = []
+    for _ in range(6):
+        clock[0] += 1.0
+        before = len(writer.log)
+        ingest.submit(Message("s1", S1 + "telemetry", b'{"t": 1}', 0, False, NOW))
+        logged.append(writer.log[before:][-1][0] == "traffic")
+    # two from the full bucket, one refill (1 s later: two more tokens), then nothing until the next turn
+    assert logged == [True, True, True, True, False, False]
+    assert reads[0] == 1
+    await asyncio.sleep(0)
+    clock[0] += 1.0
+    before = len(writer.log)
+    ingest.submit(Message("s1", S1 + "telemetry", b'{"t": 1}', 0, False, NOW))
+    assert writer.log[before:][-1][0] == "traffic"

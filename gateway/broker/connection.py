@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _READ_SIZE = 65536
 _HIGH_WATER = 1 << 20  # bytes buffered for a client before it counts as slow
+_FLUSH_AT = 1 << 16  # bytes of output gathered in one loop turn before they are written without waiting for its end
 
 
 class Transport:
@@ -52,6 +53,10 @@ class Transport:
             self._loop.call_soon(self._flush)
         self._out.append(data)
         self._out_size += len(data)
+        if self._out_size >= _FLUSH_AT:
+            # one loop turn may read megabytes from a fast publisher (libuv reads a socket until it is empty):
+            # hand them to the socket as they come instead of counting a subscriber slow that is only waiting
+            self._flush()
 
     def write_now(self, data: bytes) -> None:
         """Send at once unless this iteration already buffered output (then after it, in order)."""
@@ -174,6 +179,7 @@ class Connection:
         self.ended: asyncio.Future[None] = self._loop.create_future()
         self.listener: Any = None  # amqtt's Server whose connection count holds a slot for this connection
         self.reason = "closed by client"
+        self.write = transport.write  # what the broker sends this client (routing calls it once per delivery)
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -456,9 +462,6 @@ class Connection:
         self.transport.write(packets.unsuback(pid))
 
     # -- output and closing --------------------------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        self.transport.write(data)
 
     @property
     def congested(self) -> bool:

@@ -112,6 +112,7 @@ class GatewayBroker(Broker):
         self._collector_settings: tuple[int, int, int] | None = None
         self._kinds = {"device": 0, "integration": 0, "anonymous": 0}
         self._out = metrics.messages.labels("relay", "out")
+        self._out_count = 0  # deliveries of this loop turn, added to the counter once at its end (it takes a lock)
         self._slow = metrics.drops.labels("slow_subscriber")
         # the TLS listener's context, owned by gateway.tls (renewed in place): set before start()
         self.tls_context: ssl.SSLContext | None = None
@@ -422,7 +423,9 @@ class GatewayBroker(Broker):
                 allowed = self._may_receive(session, topic)
             if not allowed:
                 continue
-            self._out.inc()
+            if not self._out_count:
+                asyncio.get_running_loop().call_soon(self._count_out)
+            self._out_count += 1
             q = qos if qos < granted else granted
             if q == 0:
                 link = session.link
@@ -440,6 +443,10 @@ class GatewayBroker(Broker):
                 msg = Outgoing(topic, payload, q, encoded_topic=encoded)
                 kept = self._enqueue(session, msg) or kept
         return kept
+
+    def _count_out(self) -> None:
+        count, self._out_count = self._out_count, 0
+        self._out.inc(count)
 
     def _may_receive(self, session: Session, topic: str) -> bool:
         allowed = self.gate.allows(session.principal, topic, RECEIVE)
