@@ -46,6 +46,9 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=r,
         )
+        self.wal_restarts = Counter(
+            "bosun_wal_restarts", "Times the WAL was restarted from its start (it held more than 256 MB)", registry=r
+        )
         self.commit_latency = Histogram(
             "bosun_ingest_commit_seconds",
             "From reading a PUBLISH to the COMMIT that stores it",
