@@ -47,7 +47,7 @@ class Metrics:
             registry=r,
         )
         self.wal_restarts = Counter(
-            "bosun_wal_restarts", "Times the WAL was restarted from its start (it held more than 256 MB)", registry=r
+            "bosun_wal_restarts", "Times the WAL was restarted from its start (it held more than 64 MB)", registry=r
         )
         self.commit_latency = Histogram(
             "bosun_ingest_commit_seconds",

@@ -377,8 +377,8 @@ def connect(
     else:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
-        # a WAL that grew under load is cut back to this size when it restarts (store.writer restarts it past it)
-        conn.execute("PRAGMA journal_size_limit = 67108864")
+        # a WAL that grew far past store.writer's restart point (64 MB) is cut back to this when it restarts
+        conn.execute("PRAGMA journal_size_limit = 268435456")
         if not autocheckpoint:
             # the gateway's writers leave checkpoints to a thread of their own (store.writer): a checkpoint in
             # the committing connection stalls every acknowledgement waiting for that commit
