@@ -51,15 +51,15 @@ soak-uplink: deps
 		$(BIN)/pytest -q -s -p no:cacheprovider --timeout 1800 tests/test_uplink_crash.py
 
 lint: .stamp-venv
-	$(BIN)/ruff check gateway webui tests
-	$(BIN)/ruff format --check gateway webui tests
+	$(BIN)/ruff check gateway webui tests tools
+	$(BIN)/ruff format --check gateway webui tests tools
 
 types: .stamp-venv
 	$(BIN)/mypy
 
 fmt: .stamp-venv
-	$(BIN)/ruff format gateway webui tests
-	$(BIN)/ruff check --fix gateway webui tests
+	$(BIN)/ruff format gateway webui tests tools
+	$(BIN)/ruff check --fix gateway webui tests tools
 
 check: lint types test
 
