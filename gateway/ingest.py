@@ -99,8 +99,8 @@ class Ingest:
         traffic log, best effort, and has no record to wait for. The broker applies backpressure by pausing
         its reads while the writer is congested.
         """
-        # Telemetry from a known topic, the bulk of the traffic, inline: what `_submit` does for it, in the same
-        # order, without its per-message objects and calls. Anything else, or a payload that fails, goes there.
+        # Telemetry from a known topic, the bulk of the traffic, straight: what `_submit` does for it, in the same
+        # order, without its classification step. Anything else, or a payload that fails, goes there.
         known = self._topics.get(msg.topic)
         if known is None or known[5] is None or known[4] is not self._accounts.accounts:
             return self._submit(msg)
@@ -112,49 +112,16 @@ class Ingest:
             body = codec.normalize(codec.decode(payload, parsed.msgpack))
         except PayloadError:
             return self._submit(msg)  # decoded again there, counted and logged with its reason
-        tallies = self._tallies
-        if not tallies:
-            asyncio.get_running_loop().call_soon(self._apply_tallies)
-        counter = known[2]
-        tallies[counter] = tallies.get(counter, 0.0) + 1.0
+        self._tally(known[2])
         received_at = msg.received_at
-        device_id = parsed.device_id
-        self._presence.seen(device_id, received_at)
-        metrics, ts = codec.extract_metrics(known[5], body)
-        writer = self._writer
-        rows = None
-        if metrics:
-            when = ts if ts is not None and _EARLIEST_DEVICE_TS <= ts <= received_at + 86400 else received_at
-            append = writer.append
-            for name, value in metrics:
-                rows = append(_MEASUREMENT_SQL, (device_id, name, when, value))
-            stored = self._stored_measurements
-            tallies[stored] = tallies.get(stored, 0.0) + len(metrics)
-        else:
-            self._metrics.drops.labels("no_measurements").inc()
+        self._presence.seen(parsed.device_id, received_at)
+        rows = self._measure(parsed, known[5], body, received_at)
         if self._traffic_budget():
-            size = len(payload)
-            traffic = writer.append(
-                _TRAFFIC_SQL,
-                (
-                    received_at,
-                    "in",
-                    msg.client_id,
-                    msg.topic,
-                    msg.qos,
-                    int(msg.retain),
-                    size,
-                    payload if size <= self._keep else payload[: self._keep],
-                    None,
-                ),
-            )
+            traffic = self._writer.append(_TRAFFIC_SQL, self._traffic_row(msg, None))
             if rows is None:
                 rows = traffic
         if rows is not None:
-            if rows is self._tracked:
-                self._times.append(received_at)
-            else:
-                self._track(rows, received_at)
+            self._track(rows, received_at)
         return rows
 
     def _submit(self, msg: Message) -> asyncio.Future[Any] | None:
