@@ -240,9 +240,7 @@ class Connection:
             self._malformed(exc)
             return
         except Exception:
-            log.exception("closing %s (%s) after an unexpected error", self._name(), self.remote)
-            self.reason = "internal error"
-            self.close()
+            self._failed()
             return
         if self.broker.store_writer.congested:
             # backpressure: stop reading until the writer catches up (the socket buffers, then TCP pushes back)
@@ -265,6 +263,11 @@ class Connection:
         if pending:
             self._handle(pending)
 
+    def _failed(self) -> None:
+        log.exception("closing %s (%s) after an unexpected error", self._name(), self.remote)
+        self.reason = "internal error"
+        self.close()
+
     def _malformed(self, exc: Malformed) -> None:
         self.broker.metrics.drops.labels("protocol_error").inc()
         log.warning("closing %s (%s): %s", self._name(), self.remote, exc)
@@ -280,9 +283,7 @@ class Connection:
             self._malformed(exc)
             return
         except Exception:
-            log.exception("closing %s (%s) after an unexpected error", self._name(), self.remote)
-            self.reason = "internal error"
-            self.close()
+            self._failed()
             return
         finally:
             self._connecting = None

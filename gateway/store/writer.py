@@ -263,23 +263,10 @@ class Writer:
         flight finish, readers move to the newest snapshot); False if it never got through (tried again later)."""
         conn = self._conn
         assert conn is not None
-        started = time.monotonic()
-        conn.execute("PRAGMA busy_timeout = 0")
-        try:
-            while True:
-                try:
-                    busy = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
-                except sqlite3.OperationalError as exc:
-                    if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
-                        raise
-                    busy = 1
-                if not busy:
-                    return True
-                if time.monotonic() - started > _RESTART_WAIT_S:
-                    return False
-                time.sleep(_LOCK_POLL_S)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(_LOCK_WAIT_S * 1000)}")
+        restarted = _poll(
+            conn, lambda: not conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0], _RESTART_WAIT_S
+        )
+        return restarted is not None
 
     def _apply(
         self, ops: list[Op], bulk: dict[str, list[tuple[Any, ...]]]
@@ -345,18 +332,29 @@ class Writer:
 
 
 def _begin(conn: sqlite3.Connection) -> float:
-    """BEGIN IMMEDIATE, asking for the write lock every `_LOCK_POLL_S` (the GIL released while it sleeps);
-    returns the seconds waited."""
+    """BEGIN IMMEDIATE, asking for the write lock every `_LOCK_POLL_S`; returns the seconds waited."""
+    waited = _poll(conn, lambda: conn.execute("BEGIN IMMEDIATE") is not None, _LOCK_WAIT_S)
+    if waited is None:
+        raise sqlite3.OperationalError("database is locked")
+    return waited
+
+
+def _poll(conn: sqlite3.Connection, attempt: Callable[[], bool], limit: float) -> float | None:
+    """Runs `attempt` every `_LOCK_POLL_S` (the GIL released while it sleeps) until it returns True, a busy
+    database counting as False; the seconds waited, or None past `limit`. SQLite's own busy handler is off
+    meanwhile: it sleeps 1, 2, 5 ... 100 ms between tries and misses the short gaps between the child's groups."""
     started = time.monotonic()
     conn.execute("PRAGMA busy_timeout = 0")
     try:
         while True:
             try:
-                conn.execute("BEGIN IMMEDIATE")
-                return time.monotonic() - started
+                if attempt():
+                    return time.monotonic() - started
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() - started > _LOCK_WAIT_S:
+                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
                     raise
+            if time.monotonic() - started > limit:
+                return None
             time.sleep(_LOCK_POLL_S)
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(_LOCK_WAIT_S * 1000)}")
