@@ -12,7 +12,7 @@ import pytest
 from gateway.config import StoreSection
 from gateway.metrics import Metrics
 from gateway.store import writer as writer_module
-from gateway.store.bulk import _GROUP_ROWS
+from gateway.store.bulk import _GROUP_ROWS, BulkWriter, Hold
 from gateway.store.writer import Writer
 
 _INSERT = "INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)"
@@ -116,3 +116,68 @@ async def test_a_wal_that_keeps_growing_under_load_is_restarted(
     finally:
         await writer.stop()
     assert _count(tmp_path / "bosun.db", "SELECT count(*) FROM measurements") == 40 * 1001
+
+
+async def test_the_bulk_child_waits_while_the_writer_thread_holds_its_flag(tmp_path: Path) -> None:
+    """The child reads the writer thread's flag from shared memory: no group commits while it is up, and the
+    waiting group commits as soon as it drops."""
+    path = tmp_path / "bosun.db"
+    conn = writer_module.connect(path)
+    writer_module.migrate(conn)
+    conn.close()
+    hold = Hold()
+    bulk = BulkWriter(path, "FULL", Metrics(), lambda: None, hold)
+    await bulk.start()
+    try:
+        await bulk.append(_INSERT, ("d0", "t", 0.0, 1.0))  # the child is up and has committed once
+        hold.set()
+        held = bulk.append(_INSERT, ("d1", "t", 1.0, 1.0))
+        await asyncio.sleep(0.3)
+        assert not held.done()
+        assert _count(path, "SELECT count(*) FROM measurements") == 1
+        hold.clear()
+        await asyncio.wait_for(held, 5)
+        assert _count(path, "SELECT count(*) FROM measurements") == 2
+    finally:
+        hold.clear()
+        await bulk.stop()
+        hold.close()
+
+
+def _open_paths() -> list[str]:
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            found.append(str(fd.readlink()))
+        except OSError:
+            continue  # closed meanwhile
+    return found
+
+
+async def test_the_checkpoint_thread_flushes_the_database_and_closes_its_descriptor_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite syncs the database only after a checkpoint that copied the whole WAL (never, under steady writes),
+    so the checkpoint thread flushes it itself; the WAL restart's sync then has little left to write. The
+    descriptor it flushes through is closed at stop, after SQLite's own (closing it drops the process's locks)."""
+    monkeypatch.setattr(writer_module, "_CHECKPOINT_S", 0.05)
+    flushed: list[str] = []
+    real = writer_module.os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushed.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
+        real(fd)
+
+    monkeypatch.setattr(writer_module.os, "fdatasync", fdatasync)
+    db = tmp_path / "bosun.db"
+    writer, _ = await _writer(tmp_path)
+    try:
+        await asyncio.gather(*[writer.append(_INSERT, (f"d{i}", "t", float(i), 1.0)) for i in range(100)])
+        for _ in range(100):
+            if flushed:
+                break
+            await asyncio.sleep(0.05)
+        assert flushed and set(flushed) == {str(db)}
+    finally:
+        await writer.stop()
+    assert str(db) not in _open_paths()

@@ -1,7 +1,13 @@
 """Bulk rows (traffic log, measurements) committed by a child process (gateway/store/bulkproc.py).
 
-The child and the writer thread take turns (`hold`): two SQLite writers that collide wait in the busy
-handler's coarse sleeps (up to 100 ms), which would land on the PUBACKs waiting for either.
+The child and the writer thread take turns: two SQLite writers that collide wait in the busy handler's coarse
+sleeps (up to 100 ms), which would land on the PUBACKs waiting for either. The writer thread raises a flag in
+memory shared with the child (`Hold`) while it wants or holds the write lock; the child finishes the group it is
+committing and waits for the flag to drop before the next. The flag is set and cleared by the writer thread
+itself, so a turn costs only the commit in progress and the op's own transaction; when the event loop set it
+(before handing the op to the thread, and until it saw the thread's answer), each turn also held the child for
+the loop's own delays: 6.6 ms per turn at the median, 22 ms at p90, 300-500 ms of every second at 10,000 msg/s
+with 40 ops a second.
 
 `append(sql, row)` adds a row to the open group and returns that group's future, which resolves after the
 child's COMMIT. One group is committing while the next fills, so groups grow with the load, up to
@@ -17,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import mmap
+import os
 import struct
 import sys
 from collections import deque
@@ -29,12 +37,32 @@ import msgpack
 from gateway.errors import StoreError
 from gateway.metrics import Metrics
 
-__all__ = ["BulkWriter"]
+__all__ = ["BulkWriter", "Hold"]
 
 log = logging.getLogger(__name__)
 _LEN = struct.Struct("!I")
 _IN_FLIGHT = 2  # groups sent to the child and not yet answered: one committing, one queued behind it
 _GROUP_ROWS = 1000  # rows in one group: ~10-30 ms of COMMIT on the development machine
+
+
+class Hold:
+    """One byte of memory shared with the child (a memfd it inherits): non-zero while the writer thread wants or
+    holds the write lock. Set and cleared from any thread; the child only reads it (gateway/store/bulkproc.py)."""
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("bosun-bulk-hold", 0)
+        os.ftruncate(self.fd, mmap.PAGESIZE)
+        self._map = mmap.mmap(self.fd, mmap.PAGESIZE)
+
+    def set(self) -> None:
+        self._map[0] = 1
+
+    def clear(self) -> None:
+        self._map[0] = 0
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
 
 
 class _Group:
@@ -47,9 +75,7 @@ class _Group:
 
 
 class BulkWriter:
-    def __init__(
-        self, path: Path, synchronous: str, metrics: Metrics, on_done: Callable[[], None], hold: Callable[[], bool]
-    ) -> None:
+    def __init__(self, path: Path, synchronous: str, metrics: Metrics, on_done: Callable[[], None], hold: Hold) -> None:
         self._on_done = on_done
         self._hold = hold
         self._path = path
@@ -74,8 +100,10 @@ class BulkWriter:
             "gateway.store.bulkproc",
             str(self._path),
             self._synchronous,
+            str(self._hold.fd),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            pass_fds=(self._hold.fd,),
         )
         self._reader = asyncio.create_task(self._answers(self._proc), name="bosun-bulk-answers")
 
@@ -111,7 +139,7 @@ class BulkWriter:
         if proc is None or proc.stdin is None:
             return
         waiting = self._waiting
-        while waiting and len(self._sent) < _IN_FLIGHT and not self._hold():
+        while waiting and len(self._sent) < _IN_FLIGHT:
             group = waiting.popleft()
             self._waiting_rows -= group.rows
             self._next_id += 1
@@ -151,11 +179,6 @@ class BulkWriter:
         if self._waiting:
             self._send()
 
-    def kick(self) -> None:
-        """The writer thread finished its turn: send what opened meanwhile."""
-        if self._waiting and not self._scheduled:
-            self._send()
-
     def _fail(self, future: asyncio.Future[None], rows: int, error: StoreError) -> None:
         log.error("%d bulk rows were not stored: %s", rows, error)
         self._metrics.drops.labels("store_error").inc(rows)
@@ -165,7 +188,7 @@ class BulkWriter:
     async def stop(self) -> None:
         """Send what is open, wait for every answer, then let the child exit."""
         while self._waiting or self._sent:
-            if self._waiting and len(self._sent) < _IN_FLIGHT and not self._hold():
+            if self._waiting and len(self._sent) < _IN_FLIGHT:
                 self._send()
             waiting = [f for f, _ in self._sent.values()]
             if waiting:

@@ -10,11 +10,13 @@ replayed op by op inside savepoints so only the bad op fails and the others stil
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +24,7 @@ from typing import Any, TypeVar
 from gateway.config import StoreSection
 from gateway.errors import StoreError
 from gateway.metrics import Metrics
-from gateway.store.bulk import BulkWriter
+from gateway.store.bulk import BulkWriter, Hold
 from gateway.store.schema import connect, migrate
 
 __all__ = ["Op", "Writer"]
@@ -37,14 +39,15 @@ log = logging.getLogger(__name__)
 # PUBACK p99 105, 142, 83, 83 ms every 0.5 s against 162, 234, 118, 105 ms every 2 s (0.25 s had been worse than 2 s
 # before the WAL restarted). A PASSIVE checkpoint never blocks a writer and holds no GIL.
 _CHECKPOINT_S = 0.5
-# Ops (presses, acks, status) go before the next bulk group: the child is held from sending more while the writer
-# thread asks for the write lock every half millisecond, so an op waits for at most the groups already in flight.
+# Ops (presses, acks, status) go before the next bulk group: the child waits before its next group (`Hold`) while the
+# writer thread asks for the write lock every half millisecond, so an op waits for at most the group being committed.
 # Waiting for the child to go idle first (and SQLite's busy handler, which sleeps 1, 2, 5 ... 100 ms between tries
 # and rarely hits the gap between two of the child's groups) made each op cost several group commits, which at
 # 10,000 msg/s convoyed into half-second PUBACKs.
 _LOCK_POLL_S = 0.0005
-# The WAL is restarted from its start once it holds this much. A restart holds the writers for 40-70 ms
-# (measured at 10,000 msg/s: the database's fsync); the file keeps its size, and is cut back only past
+# The WAL is restarted from its start once it holds this much. A restart holds the writers while it copies and syncs
+# what the last checkpoint left (see _checkpoints: a few ms, 40-70 ms before the checkpoint thread flushed the
+# database itself); the file keeps its size, and is cut back only past
 # schema.connect's journal_size_limit: truncating a file of hundreds of MB to 64 MB at every restart, then growing
 # it again, cost 300-400 ms of PUBACK tail each time on this ext4 (20 s FULL runs: p99 374 ms with it, 74 ms
 # without). At a site's usual load the WAL restarts by itself between bursts and this never triggers.
@@ -72,12 +75,14 @@ class Writer:
         self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._restart_wanted = False
-        self._turn = False  # the thread's group is next or committing: the bulk child holds back
         self._proc: BulkWriter | None = None
+        self._hold: Hold | None = None
         self._stop_checkpoints = threading.Event()
+        self._flusher: _Flusher | None = None
         self._checkpointer = threading.Thread(target=self._checkpoints, name="bosun-checkpoint", daemon=True)
         if cfg.writer_process:
-            self._proc = BulkWriter(path, cfg.synchronous, metrics, self._check_room, lambda: self._turn)
+            self._hold = Hold()  # up while the thread wants or holds the write lock: the child waits (store/bulk.py)
+            self._proc = BulkWriter(path, cfg.synchronous, metrics, self._check_room, self._hold)
         self.commits = 0
         self.rows = 0
         self.last_batch = 0
@@ -99,19 +104,34 @@ class Writer:
     def _checkpoints(self) -> None:
         """A thread of its own copies the WAL into the database (PASSIVE: it never blocks a writer, and the
         sqlite3 call holds no GIL), so no commit pays for a checkpoint. When the WAL holds more than
-        `_WAL_RESTART_BYTES`, the writer is asked to restart it (`_restart`)."""
+        `_WAL_RESTART_BYTES`, the writer is asked to restart it (`_restart`).
+
+        It also flushes the database file after each checkpoint. SQLite syncs the database only after a checkpoint
+        that copied the whole WAL, which never happens under steady load, so the pages of every earlier checkpoint
+        stayed dirty in the page cache and the WAL restart's sync wrote them all while the writers were held.
+        Measured on a model of the bulk child (group commits at 10,000 msg/s, synchronous=FULL): a restart took
+        11-57 ms, growing with the database (the pages are scattered over it), nearly all of it that fdatasync
+        (strace: 16-35 ms). Flushed here, out of the writers' way, the restart's sync has only the last moments'
+        pages left: 4-13 ms."""
         conn = connect(self._path, synchronous=self._cfg.synchronous)
         page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        flush = self._flusher = _Flusher(self._path) if self._cfg.synchronous.upper() != "OFF" else None
         try:
             while not self._stop_checkpoints.wait(_CHECKPOINT_S):
                 try:
                     _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as exc:
+                    if flush is not None:
+                        flush()
+                    if frames * page_size > _WAL_RESTART_BYTES and not self._closing:
+                        # once more, so what was written during that flush is on disk too before the writers wait
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        if flush is not None:
+                            flush()
+                        loop = self._loop_ref
+                        if loop is not None:
+                            loop.call_soon_threadsafe(self._want_restart)
+                except (sqlite3.Error, OSError) as exc:
                     log.warning("WAL checkpoint failed: %s", exc)
-                    continue
-                loop = self._loop_ref
-                if frames * page_size > _WAL_RESTART_BYTES and loop is not None and not self._closing:
-                    loop.call_soon_threadsafe(self._want_restart)
         finally:
             conn.close()
 
@@ -198,18 +218,12 @@ class Writer:
             self._bulk, self._bulk_future, self._bulk_rows = {}, None, 0
             started = time.perf_counter()
             ops = [op for op, _ in batch]
-            if self._proc is not None:
-                self._turn = True  # no new bulk group until this one commits
             try:
                 results, bulk_error = await loop.run_in_executor(self._executor, self._apply, ops, bulk)
             except BaseException as exc:  # the thread died: fail the group loudly, keep serving
                 log.exception("writer batch failed")
                 results = [(False, StoreError(f"write failed: {exc!r}"))] * len(batch)
                 bulk_error = StoreError(f"write failed: {exc!r}")
-            finally:
-                if self._proc is not None:
-                    self._turn = False
-                    self._proc.kick()
             elapsed = time.perf_counter() - started
             self.commits += 1
             self.rows += len(batch) + bulk_rows
@@ -244,17 +258,11 @@ class Writer:
         restart: it grew by ~60 MB/s at 10,000 msg/s (1.1 GB in 25 s), and every page lookup in it got slower,
         the PUBACK tail with it."""
         self._restart_wanted = False
-        if self._proc is not None:
-            self._turn = True
         try:
             done = await asyncio.get_running_loop().run_in_executor(self._executor, self._restart)
         except sqlite3.Error as exc:
             log.warning("WAL restart failed: %s", exc)
             done = False
-        finally:
-            if self._proc is not None:
-                self._turn = False
-                self._proc.kick()
         if done:
             self._metrics.wal_restarts.inc()
 
@@ -263,15 +271,35 @@ class Writer:
         flight finish, readers move to the newest snapshot); False if it never got through (tried again later)."""
         conn = self._conn
         assert conn is not None
-        restarted = _poll(
-            conn, lambda: not conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0], _RESTART_WAIT_S
-        )
+        with self._child_held():
+            restarted = _poll(
+                conn, lambda: not conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0], _RESTART_WAIT_S
+            )
         return restarted is not None
+
+    @contextlib.contextmanager
+    def _child_held(self) -> Iterator[None]:
+        """The bulk child waits before its next group while this runs (on the writer thread)."""
+        hold = self._hold
+        if hold is None:
+            yield
+            return
+        hold.set()
+        try:
+            yield
+        finally:
+            hold.clear()
 
     def _apply(
         self, ops: list[Op], bulk: dict[str, list[tuple[Any, ...]]]
     ) -> tuple[list[tuple[bool, Any]], Exception | None]:
         """Runs on the writer thread: the whole group in one transaction."""
+        with self._child_held():
+            return self._commit(ops, bulk)
+
+    def _commit(
+        self, ops: list[Op], bulk: dict[str, list[tuple[Any, ...]]]
+    ) -> tuple[list[tuple[bool, Any]], Exception | None]:
         conn = self._conn
         assert conn is not None
         if self._proc is None:
@@ -328,7 +356,28 @@ class Writer:
             conn = self._conn
             await loop.run_in_executor(self._executor, _close, conn)
             self._conn = None
+        if self._flusher is not None:
+            self._flusher.close()
+        if self._hold is not None:
+            self._hold.close()
         self._executor.shutdown(wait=True)
+
+
+class _Flusher:
+    """fdatasync of the database file through a descriptor of our own (Python's sqlite3 does not expose SQLite's).
+
+    Closing any descriptor of a file drops every POSIX lock this process holds on it, SQLite's included, so this one
+    is opened once and closed only after the writer's connection, the last of the gateway's (the reader pool stops
+    first)."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY)  # fdatasync needs no write access on Linux
+
+    def __call__(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 def _begin(conn: sqlite3.Connection) -> float:
