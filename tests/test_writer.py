@@ -181,3 +181,29 @@ async def test_the_checkpoint_thread_flushes_the_database_and_closes_its_descrip
     finally:
         await writer.stop()
     assert str(db) not in _open_paths()
+
+
+def test_a_new_gateway_database_has_small_pages_and_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
+    """Each telemetry message dirties a leaf of its device's index entries, a whole page of WAL at COMMIT: a new
+    gateway database uses 1 KB pages (schema.PAGE_SIZE). A file created with 4 KB pages keeps them (changing it
+    needs a VACUUM out of WAL mode), and HQ's database keeps SQLite's default."""
+    from gateway.hq.db import connect_hq
+    from gateway.store.schema import PAGE_SIZE
+
+    def page_size(conn: sqlite3.Connection) -> int:
+        try:
+            return int(conn.execute("PRAGMA page_size").fetchone()[0])
+        finally:
+            conn.close()
+
+    new = writer_module.connect(tmp_path / "new.db")
+    writer_module.migrate(new)
+    assert page_size(new) == PAGE_SIZE == 1024
+
+    old = sqlite3.connect(tmp_path / "old.db")
+    old.execute("PRAGMA journal_mode = WAL")
+    old.execute("CREATE TABLE t(x)")
+    old.close()
+    assert page_size(writer_module.connect(tmp_path / "old.db")) == 4096
+
+    assert page_size(connect_hq(tmp_path / "hq.db")) == 4096

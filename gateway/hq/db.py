@@ -72,7 +72,8 @@ class EpochChanged(Exception):
 
 def connect_hq(path: Any, readonly: bool = False) -> sqlite3.Connection:
     """Open (and on first use create or upgrade) HQ's database; WAL like the gateway's."""
-    conn = connect(path, readonly=readonly, synchronous="NORMAL")
+    # HQ appends batches, one gateway's records at a time: SQLite's default page suits it (see schema.PAGE_SIZE)
+    conn = connect(path, readonly=readonly, synchronous="NORMAL", page_size=4096)
     if not readonly and conn.execute("PRAGMA user_version").fetchone()[0] < len(_MIGRATIONS):
         conn.execute("BEGIN IMMEDIATE")
         version = conn.execute("PRAGMA user_version").fetchone()[0]  # again, inside the lock
