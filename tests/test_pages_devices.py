@@ -250,6 +250,9 @@ async def test_dashboard_counts_calls_devices_and_shows_rate_storage_uplink_syst
         logged = gateway.rows("SELECT count(*) FROM traffic")[0][0]
         assert f"<b>{logged}</b> in the last hour" in page.text  # every message so far is within the hour
         assert "of 1.07 GB budget" in page.text  # store.max_db_mb = 1024
+        # the WAL file (which keeps its size between checkpoints) is shown beside the budget, not in it
+        assert (gateway.data_dir / "bosun.db-wal").stat().st_size > 0
+        assert re.search(r"Write-ahead log: [\d.]+ [kMG]?B on disk besides, outside the budget", page.text)
         assert "Uplink to HQ" in page.text and "no HQ configured" in page.text
         for label in ("CPU", "Memory", "Disk", "Up"):
             assert f"<dt>{label}</dt>" in page.text
