@@ -26,7 +26,7 @@ from gateway.store.schema import connect
 
 _LEN = struct.Struct("!I")
 _HOLD_POLL_S = 0.0002
-_HOLD_MAX_S = 5.0  # a flag up this long is a writer thread that died holding it: go on (SQLite's locks still rule)
+_HOLD_MAX_S = 5.0  # never expected (the writer clears it in a finally); past it, SQLite's own locks decide
 
 
 def _read(stream: BinaryIO, n: int) -> bytes | None:

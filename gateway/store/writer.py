@@ -46,8 +46,8 @@ _CHECKPOINT_S = 0.5
 # 10,000 msg/s convoyed into half-second PUBACKs.
 _LOCK_POLL_S = 0.0005
 # The WAL is restarted from its start once it holds this much. A restart holds the writers while it copies and syncs
-# what the last checkpoint left (see _checkpoints: a few ms, 40-70 ms before the checkpoint thread flushed the
-# database itself); the file keeps its size, and is cut back only past
+# what the last checkpoint left (see _checkpoints: 4-13 ms in a model, 11-57 ms before the checkpoint thread flushed
+# the database itself); the file keeps its size, and is cut back only past
 # schema.connect's journal_size_limit: truncating a file of hundreds of MB to 64 MB at every restart, then growing
 # it again, cost 300-400 ms of PUBACK tail each time on this ext4 (20 s FULL runs: p99 374 ms with it, 74 ms
 # without). At a site's usual load the WAL restarts by itself between bursts and this never triggers.
@@ -116,17 +116,18 @@ class Writer:
         conn = connect(self._path, synchronous=self._cfg.synchronous)
         page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         flush = self._flusher = _Flusher(self._path) if self._cfg.synchronous.upper() != "OFF" else None
+
+        def checkpoint() -> int:
+            _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if flush is not None:
+                flush()
+            return int(frames)
+
         try:
             while not self._stop_checkpoints.wait(_CHECKPOINT_S):
                 try:
-                    _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if flush is not None:
-                        flush()
-                    if frames * page_size > _WAL_RESTART_BYTES and not self._closing:
-                        # once more, so what was written during that flush is on disk too before the writers wait
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                        if flush is not None:
-                            flush()
+                    if checkpoint() * page_size > _WAL_RESTART_BYTES and not self._closing:
+                        checkpoint()  # once more: what was written during that flush is on disk too before the wait
                         loop = self._loop_ref
                         if loop is not None:
                             loop.call_soon_threadsafe(self._want_restart)
