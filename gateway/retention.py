@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from gateway.config import StoreSection, UplinkSection
 from gateway.metrics import Metrics
+from gateway.store import mindex
 from gateway.store.records import LANE_STATE, LANE_TELEMETRY, loss
 from gateway.store.writer import Writer
 
@@ -29,10 +30,18 @@ _CHUNK = 5000
 
 
 def used_bytes(conn: sqlite3.Connection) -> int:
-    """Bytes in use (free pages are reused, so they do not count against the budget)."""
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    """Bytes in use (free pages are reused, so they do not count against the budget), the measurements' index
+    file included when the connection has it attached (a reader's: gateway/store/mindex.py)."""
+    used = _schema_bytes(conn, "main")
+    if mindex.is_attached(conn):
+        used += _schema_bytes(conn, mindex.ALIAS)
+    return used
+
+
+def _schema_bytes(conn: sqlite3.Connection, schema: str) -> int:
+    pages = conn.execute(f"PRAGMA {schema}.page_count").fetchone()[0]
+    free = conn.execute(f"PRAGMA {schema}.freelist_count").fetchone()[0]
+    size = conn.execute(f"PRAGMA {schema}.page_size").fetchone()[0]
     return int((pages - free) * size)
 
 
@@ -53,7 +62,9 @@ class Retention:
         metrics: Metrics,
         uplink: UplinkSection | None = None,
         in_flight: Callable[[str], int] = lambda lane: 0,
+        index: mindex.Indexer | None = None,
     ) -> None:
+        self._index = index
         self._cfg = cfg
         self._uplink = uplink or UplinkSection()
         self._writer = writer
@@ -79,7 +90,7 @@ class Retention:
 
     async def run_once(self) -> Trimmed:
         trimmed = Trimmed()
-        before = await self._writer.run(used_bytes)
+        before = await self._writer.run(self._used)
         trimmed.traffic += await self._writer.run(self._cap_traffic)
         trimmed.state += await self._writer.run(self._state_lane)
         if self._uplink.max_age_h:
@@ -89,13 +100,15 @@ class Retention:
             step = await self._writer.run(lambda c: self._trim_step(c, budget))
             if step is None:
                 break
-            table, deleted, unsent = step
+            table, deleted, unsent, first, last = step
             if table == "traffic":
                 trimmed.traffic += deleted
             else:
                 trimmed.measurements += deleted
                 trimmed.unsent += unsent
-        self.freed_bytes += max(0, before - await self._writer.run(used_bytes))
+                if self._index is not None:
+                    await self._index.purge(first, last)  # before the next step measures the budget
+        self.freed_bytes += max(0, before - await self._writer.run(self._used))
         if trimmed.measurements:
             self._metrics.drops.labels("retention_measurements").inc(trimmed.measurements)
         if trimmed.unsent or trimmed.state or trimmed.stale:
@@ -119,22 +132,28 @@ class Retention:
             return 0
         return conn.execute("DELETE FROM traffic WHERE id <= ?", (top - self._cfg.traffic_rows,)).rowcount
 
-    def _trim_step(self, conn: sqlite3.Connection, budget: int) -> tuple[str, int, int] | None:
-        """One chunk: (table, rows deleted, of which not yet at HQ), or None when within the budget."""
-        if used_bytes(conn) <= budget:
+    def _used(self, conn: sqlite3.Connection) -> int:
+        """The writer's connection has no index attached: the indexer measures its own file."""
+        return used_bytes(conn) + (self._index.used_bytes if self._index is not None else 0)
+
+    def _trim_step(self, conn: sqlite3.Connection, budget: int) -> tuple[str, int, int, int, int] | None:
+        """One chunk: (table, rows deleted, of which not yet at HQ, first id, last id), or None when within the
+        budget."""
+        if self._used(conn) <= budget:
             return None
         acked = _acked(conn, LANE_TELEMETRY)
-        deleted = conn.execute(
-            "DELETE FROM measurements WHERE id IN (SELECT id FROM measurements WHERE id <= ? ORDER BY id LIMIT ?)",
+        first, last = conn.execute(
+            "SELECT min(id), max(id) FROM (SELECT id FROM measurements WHERE id <= ? ORDER BY id LIMIT ?)",
             (acked, _CHUNK),
-        ).rowcount
-        if deleted:
-            return "measurements", deleted, 0
+        ).fetchone()
+        if first is not None:
+            deleted = conn.execute("DELETE FROM measurements WHERE id BETWEEN ? AND ?", (first, last)).rowcount
+            return "measurements", deleted, 0, first, last
         deleted = conn.execute(
             "DELETE FROM traffic WHERE id IN (SELECT id FROM traffic ORDER BY id LIMIT ?)", (_CHUNK,)
         ).rowcount
         if deleted:
-            return "traffic", deleted, 0
+            return "traffic", deleted, 0, 0, 0
         # telemetry HQ does not have: oldest first, but never the rows the next batch may be reading (a batch is
         # at most batch_records after the cursor; a pack that began before this transaction would send rows
         # reported lost), nor the batch in flight, nor the newest row (its id keeps the sequence going: an
@@ -150,7 +169,7 @@ class Retention:
         first, last = rows[0][0], rows[-1][0]
         deleted = conn.execute("DELETE FROM measurements WHERE id BETWEEN ? AND ?", (first, last)).rowcount
         loss(conn, LANE_TELEMETRY, first, last, deleted, "disk_budget")
-        return "measurements", deleted, deleted
+        return "measurements", deleted, deleted, first, last
 
     def _state_lane(self, conn: sqlite3.Connection) -> int:
         """Unsent device state beyond its byte budget or age limit goes, oldest first (not while in flight)."""

@@ -32,6 +32,7 @@ from gateway.metrics import Metrics
 from gateway.presence import Presence
 from gateway.retention import Retention, used_bytes
 from gateway.store import registry
+from gateway.store.mindex import Indexer
 from gateway.store.reader import Reader
 from gateway.store.writer import Writer
 from gateway.trust import Trust
@@ -68,10 +69,11 @@ class Gateway:
         self.metrics = Metrics()
         self.hub = Hub(self.metrics)
         self.writer = Writer(cfg.db_path, cfg.store, self.metrics)
+        self.indexer = Indexer(cfg.db_path)
         self.reader = Reader(cfg.db_path)
         self.accounts = Accounts(self.reader)
         self.presence = Presence(cfg.presence, self.writer, self.hub, self.metrics)
-        self.retention = Retention(cfg.store, self.writer, self.metrics, cfg.uplink)
+        self.retention = Retention(cfg.store, self.writer, self.metrics, cfg.uplink, index=self.indexer)
         self.uplink = Uplink(
             cfg.uplink, cfg.store, cfg.db_path, self.writer, self.metrics, lambda: self.retention.freed_bytes
         )
@@ -116,6 +118,8 @@ class Gateway:
         stack.push_async_callback(self._stopped, "store", self.writer.stop)
         self.gateway_id, password = await self.writer.run(lambda c: _ensure_identity(c, self.cfg.gateway.id))
         self.bootstrap = Bootstrap(password)
+        await self.indexer.start()  # creates the index file, which the readers attach
+        stack.push_async_callback(self.indexer.stop)
         await self.reader.start()
         stack.push_async_callback(self.reader.stop)
         self.state["store"] = "ok"

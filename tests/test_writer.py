@@ -104,7 +104,7 @@ async def test_a_wal_that_keeps_growing_under_load_is_restarted(
     """Under steady writes PASSIVE checkpoints never let the WAL start over (it grew by ~60 MB/s in make bench);
     past the limit the writer restarts it between groups, and every row is still there."""
     monkeypatch.setattr(writer_module, "_CHECKPOINT_S", 0.05)
-    monkeypatch.setattr(writer_module, "_WAL_RESTART_BYTES", 256 << 10)
+    monkeypatch.setattr(writer_module, "_WAL_RESTART_BYTES", 64 << 10)
     writer, metrics = await _writer(tmp_path)
     try:
         for round_ in range(40):

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from gateway.store import mindex
 from gateway.store.schema import connect
 
 __all__ = ["Reader"]
@@ -27,9 +28,12 @@ class Reader:
         self._conn: sqlite3.Connection | None = None
 
     async def start(self) -> None:
-        self._conn = await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: connect(self._path, readonly=True)
-        )
+        self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+
+    def _open(self) -> sqlite3.Connection:
+        conn = connect(self._path, readonly=True)
+        mindex.attach(conn, self._path)  # the measurements' per-device index (store.views reads it)
+        return conn
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` in one read snapshot on the reader thread."""

@@ -10,6 +10,7 @@ import sqlite3
 from typing import Any
 
 from gateway.commands import COMMAND_COLUMNS, CommandRow, command_row
+from gateway.store import mindex
 
 __all__ = [
     "call_counts",
@@ -30,38 +31,68 @@ def measurements(
     limit: int = 1000,
 ) -> list[dict[str, Any]]:
     """Oldest first: from `since` if given, else the latest `limit` rows."""
-    where: list[str] = ["device_id = ?"]
-    params: list[Any] = [device_id]
-    if metric is not None:
-        where.append("metric = ?")
-        params.append(metric)
-    if since is not None:
-        where.append("ts >= ?")
-        params.append(since)
-    if until is not None:
-        where.append("ts <= ?")
-        params.append(until)
-    clause = " AND ".join(where)
-    if since is not None:
-        sql = f"SELECT ts, metric, value FROM measurements WHERE {clause} ORDER BY ts, id LIMIT ?"
-    else:
-        sql = (
-            f"SELECT ts, metric, value FROM (SELECT id, ts, metric, value FROM measurements WHERE {clause} "
-            "ORDER BY ts DESC, id DESC LIMIT ?) ORDER BY ts, id"
-        )
-    rows = conn.execute(sql, [*params, limit]).fetchall()
+    order = "ts, id" if since is not None else "ts DESC, id DESC"
+    rows = _device_rows(conn, device_id, metric, since, until, order, limit)
+    if since is None:
+        rows.reverse()
     return [{"ts": ts, "metric": m, "value": v} for ts, m, v in rows]
 
 
 def device_metrics(conn: sqlite3.Connection, device_id: str) -> list[str]:
-    """The metric names in a device's latest 10,000 measurements (bounded: the (device_id, ts) index gives the
+    """The metric names in a device's latest 10,000 measurements (bounded: the per-device index gives the
     latest rows, not the distinct names)."""
-    rows = conn.execute(
-        "SELECT DISTINCT metric FROM (SELECT metric FROM measurements WHERE device_id = ? ORDER BY ts DESC "
-        "LIMIT 10000) ORDER BY metric",
-        (device_id,),
-    ).fetchall()
-    return [r[0] for r in rows]
+    rows = _device_rows(conn, device_id, None, None, None, "ts DESC, id DESC", 10000)
+    return sorted({metric for _, metric, _ in rows})
+
+
+def _device_rows(
+    conn: sqlite3.Connection,
+    device_id: str,
+    metric: str | None,
+    since: float | None,
+    until: float | None,
+    order: str,
+    limit: int,
+) -> list[tuple[float, str, float | None]]:
+    """(ts, metric, value) of one device's measurements in `order`, at most `limit`.
+
+    The per-device index is a file of its own, kept up behind the writers (store.mindex): the rows it has
+    reached are found through it, the newest ones (past its `indexed_to`, a range of the table's own key) by
+    reading that range. Each part is ordered and cut to `limit` before they are merged. Without the index
+    attached (a connection of the CLI's or a test's), the table is read alone.
+    """
+    conds = ""
+    params: list[Any] = []
+    if since is not None:
+        conds += " AND {t}.ts >= ?"
+        params.append(since)
+    if until is not None:
+        conds += " AND {t}.ts <= ?"
+        params.append(until)
+    if metric is not None:
+        conds += " AND m.metric = ?"
+        params.append(metric)
+    if not mindex.is_attached(conn):
+        sql = (
+            f"SELECT m.ts, m.metric, m.value FROM measurements AS m WHERE m.device_id = ?{conds.format(t='m')} "
+            f"ORDER BY {order} LIMIT ?"
+        )
+        return conn.execute(sql, [device_id, *params, limit]).fetchall()
+    indexed_to = conn.execute(f"SELECT value FROM {mindex.ALIAS}.state WHERE key = 'indexed_to'").fetchone()
+    # ts and id come from the index in the first part, so its own order answers ORDER BY without a sort
+    sql = (
+        f"SELECT ts, metric, value FROM ("
+        f"SELECT * FROM (SELECT i.ts AS ts, i.id AS id, m.metric AS metric, m.value AS value "
+        f"FROM {mindex.ALIAS}.mi AS i JOIN measurements AS m ON m.id = i.id "
+        f"WHERE i.device_id = ?{conds.format(t='i')} ORDER BY {order} LIMIT ?) "
+        f"UNION ALL "
+        f"SELECT * FROM (SELECT m.ts AS ts, m.id AS id, m.metric AS metric, m.value AS value FROM measurements AS m "
+        f"WHERE m.id > ? AND m.device_id = ?{conds.format(t='m')} ORDER BY {order} LIMIT ?)"
+        f") ORDER BY {order} LIMIT ?"
+    )
+    tail = int(indexed_to[0]) if indexed_to is not None else 0
+    args = [device_id, *params, limit, tail, device_id, *params, limit, limit]
+    return conn.execute(sql, args).fetchall()
 
 
 def device_events(conn: sqlite3.Connection, device_id: str, limit: int = 50) -> list[dict[str, Any]]:

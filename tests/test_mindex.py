@@ -1,0 +1,191 @@
+"""The measurements' per-device index in a file of its own (gateway/store/mindex.py): built behind the writers,
+read together with the rows it has not reached yet, purged with retention, rebuilt when it is not the database's.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from gateway.retention import used_bytes
+from gateway.store import mindex, views
+from gateway.store.schema import connect, migrate
+
+_INSERT = "INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)"
+
+
+def _database(path: Path, rows: int, devices: int = 20, start: float = 1000.0) -> list[tuple[int, str, str, float]]:
+    """`rows` measurements, devices and metrics interleaved, timestamps not in id order (devices' own clocks)."""
+    conn = connect(path)
+    migrate(conn)
+    rng = random.Random(rows)
+    conn.execute("BEGIN")
+    for i in range(rows):
+        conn.execute(_INSERT, (f"d{i % devices}", "temp" if i % 3 else "hum", start + i + rng.uniform(-5, 5), i))
+    conn.execute("COMMIT")
+    out = conn.execute("SELECT id, device_id, metric, ts FROM measurements").fetchall()
+    conn.close()
+    return out
+
+
+def _reader(path: Path) -> sqlite3.Connection:
+    conn = connect(path, readonly=True)
+    assert mindex.attach(conn, path)
+    return conn
+
+
+def _expected(
+    conn: sqlite3.Connection, device: str, metric: str | None, since: float | None, until: float | None, limit: int
+) -> list[dict[str, object]]:
+    rows = [
+        (ts, i, m, v)
+        for i, d, m, ts, v in conn.execute("SELECT id, device_id, metric, ts, value FROM measurements")
+        if d == device
+        and (metric is None or m == metric)
+        and (since is None or ts >= since)
+        and (until is None or ts <= until)
+    ]
+    rows.sort()
+    picked = rows[:limit] if since is not None else rows[-limit:]
+    return [{"ts": ts, "metric": m, "value": v} for ts, _, m, v in picked]
+
+
+async def test_the_index_is_built_in_the_background_and_reads_match_the_table(tmp_path: Path) -> None:
+    db = tmp_path / "bosun.db"
+    _database(db, 3000)
+    indexer = mindex.Indexer(db)
+    await indexer.start()
+    try:
+        while indexer._step():
+            pass
+        assert indexer.indexed_to == 3000
+        assert indexer.used_bytes > 0
+        writer = connect(db)
+        writer.execute("BEGIN")
+        for i in range(500):  # newer rows the index has not reached: read from the table's own range
+            writer.execute(_INSERT, (f"d{i % 20}", "temp", 5000.0 + i, -i))
+        writer.execute("COMMIT")
+        conn = _reader(db)
+        for device, metric, since, until, limit in [
+            ("d3", None, None, None, 1000),
+            ("d3", None, None, None, 10),
+            ("d7", "temp", None, None, 50),
+            ("d7", "hum", 1500.0, None, 20),
+            ("d1", None, 2000.0, 3400.0, 1000),
+            ("d1", None, 2900.0, None, 40),
+            ("nobody", None, None, None, 10),
+        ]:
+            got = views.measurements(conn, device, metric=metric, since=since, until=until, limit=limit)
+            assert got == _expected(conn, device, metric, since, until, limit), (device, metric, since, until)
+        assert views.device_metrics(conn, "d3") == ["hum", "temp"]
+        conn.close()
+        writer.close()
+    finally:
+        await indexer.stop()
+
+
+def test_without_the_index_attached_the_table_is_read_alone(tmp_path: Path) -> None:
+    db = tmp_path / "bosun.db"
+    _database(db, 600)
+    conn = connect(db, readonly=True)
+    assert not mindex.is_attached(conn)
+    assert views.measurements(conn, "d2", limit=5) == _expected(conn, "d2", None, None, None, 5)
+    conn.close()
+
+
+def test_the_database_keeps_no_per_device_index(tmp_path: Path) -> None:
+    """Inserting a measurement costs one append: the index lives in the other file."""
+    db = tmp_path / "bosun.db"
+    _database(db, 10)
+    conn = connect(db)
+    assert conn.execute("PRAGMA index_list(measurements)").fetchall() == []
+    conn.close()
+
+
+async def test_a_device_s_latest_rows_read_a_few_index_pages_not_the_table(tmp_path: Path) -> None:
+    """Counted in SQLite virtual-machine steps, as in test_query_cost: exact, whatever the machine's speed."""
+    db = tmp_path / "bosun.db"
+    _database(db, 50_000, devices=100)
+    indexer = mindex.Indexer(db)
+    await indexer.start()
+    try:
+        while indexer._step():
+            pass
+        conn = _reader(db)
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        conn.set_progress_handler(count, 100)
+        rows = views.measurements(conn, "d42", limit=20)
+        conn.set_progress_handler(None, 0)
+        assert len(rows) == 20
+        assert steps < 50, f"{steps * 100} steps: the query walked the table"  # a table scan is ~10,000
+        conn.close()
+    finally:
+        await indexer.stop()
+
+
+async def test_entries_of_deleted_rows_are_purged_and_the_file_is_counted(tmp_path: Path) -> None:
+    db = tmp_path / "bosun.db"
+    _database(db, 4000)
+    indexer = mindex.Indexer(db)
+    await indexer.start()
+    try:
+        while indexer._step():
+            pass
+        writer = connect(db)
+        writer.execute("DELETE FROM measurements WHERE id BETWEEN 1 AND 1500")
+        assert await indexer.purge(1, 1500) == 1500
+        index = sqlite3.connect(indexer.path)
+        assert index.execute("SELECT count(*), min(id) FROM mi").fetchone() == (2500, 1501)
+        index.close()
+        reader = _reader(db)
+        assert used_bytes(reader) == used_bytes(writer) + indexer.used_bytes
+        reader.close()
+        writer.close()
+    finally:
+        await indexer.stop()
+
+
+def _change(db: Path, index: Path, change: str) -> None:
+    conn = connect(db)
+    if change == "epoch":  # another database restored under the same name
+        conn.execute("UPDATE meta SET value = 'another' WHERE key = 'uplink_epoch'")
+    elif change == "fewer rows":
+        conn.execute("DELETE FROM measurements WHERE id > 100")
+    else:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{index}{suffix}").unlink(missing_ok=True)
+    conn.close()
+
+
+@pytest.mark.parametrize("change", ["epoch", "fewer rows", "file deleted"])
+async def test_an_index_that_is_not_the_database_s_is_rebuilt(tmp_path: Path, change: str) -> None:
+    db = tmp_path / "bosun.db"
+    _database(db, 300)
+    indexer = mindex.Indexer(db)
+    await indexer.start()
+    while indexer._step():
+        pass
+    await indexer.stop()
+    _change(db, indexer.path, change)
+    again = mindex.Indexer(db)
+    await again.start()
+    try:
+        while again._step():
+            pass
+        index = sqlite3.connect(again.path)
+        source = sqlite3.connect(db)
+        want = source.execute("SELECT id, device_id, ts FROM measurements ORDER BY id").fetchall()
+        assert index.execute("SELECT id, device_id, ts FROM mi ORDER BY id").fetchall() == want
+        index.close()
+        source.close()
+    finally:
+        await again.stop()
