@@ -27,6 +27,7 @@ __all__ = ["Retention", "used_bytes"]
 
 log = logging.getLogger(__name__)
 _CHUNK = 5000
+_Spans = tuple[list[tuple[str, float, float]], int, int]  # per device (id, oldest ts, newest ts); first id, last id
 
 
 def used_bytes(conn: sqlite3.Connection) -> int:
@@ -100,14 +101,14 @@ class Retention:
             step = await self._writer.run(lambda c: self._trim_step(c, budget))
             if step is None:
                 break
-            table, deleted, unsent, first, last = step
+            table, deleted, unsent, spans = step
             if table == "traffic":
                 trimmed.traffic += deleted
             else:
                 trimmed.measurements += deleted
                 trimmed.unsent += unsent
-                if self._index is not None:
-                    await self._index.purge(first, last)  # before the next step measures the budget
+                if self._index is not None and spans is not None:
+                    await self._index.purge(*spans)  # before the next step measures the budget
         self.freed_bytes += max(0, before - await self._writer.run(self._used))
         if trimmed.measurements:
             self._metrics.drops.labels("retention_measurements").inc(trimmed.measurements)
@@ -136,9 +137,9 @@ class Retention:
         """The writer's connection has no index attached: the indexer measures its own file."""
         return used_bytes(conn) + (self._index.used_bytes if self._index is not None else 0)
 
-    def _trim_step(self, conn: sqlite3.Connection, budget: int) -> tuple[str, int, int, int, int] | None:
-        """One chunk: (table, rows deleted, of which not yet at HQ, first id, last id), or None when within the
-        budget."""
+    def _trim_step(self, conn: sqlite3.Connection, budget: int) -> tuple[str, int, int, _Spans | None] | None:
+        """One chunk: (table, rows deleted, of which not yet at HQ, what the index must drop), or None when within
+        the budget."""
         if self._used(conn) <= budget:
             return None
         acked = _acked(conn, LANE_TELEMETRY)
@@ -147,13 +148,14 @@ class Retention:
             (acked, _CHUNK),
         ).fetchone()
         if first is not None:
+            spans = self._spans(conn, first, last)
             deleted = conn.execute("DELETE FROM measurements WHERE id BETWEEN ? AND ?", (first, last)).rowcount
-            return "measurements", deleted, 0, first, last
+            return "measurements", deleted, 0, spans
         deleted = conn.execute(
             "DELETE FROM traffic WHERE id IN (SELECT id FROM traffic ORDER BY id LIMIT ?)", (_CHUNK,)
         ).rowcount
         if deleted:
-            return "traffic", deleted, 0, 0, 0
+            return "traffic", deleted, 0, None
         # telemetry HQ does not have: oldest first, but never the rows the next batch may be reading (a batch is
         # at most batch_records after the cursor; a pack that began before this transaction would send rows
         # reported lost), nor the batch in flight, nor the newest row (its id keeps the sequence going: an
@@ -167,9 +169,21 @@ class Retention:
         if not rows:
             return None
         first, last = rows[0][0], rows[-1][0]
+        spans = self._spans(conn, first, last)
         deleted = conn.execute("DELETE FROM measurements WHERE id BETWEEN ? AND ?", (first, last)).rowcount
         loss(conn, LANE_TELEMETRY, first, last, deleted, "disk_budget")
-        return "measurements", deleted, deleted, first, last
+        return "measurements", deleted, deleted, spans
+
+    def _spans(self, conn: sqlite3.Connection, first: int, last: int) -> _Spans | None:
+        """Each device's time span in measurements `first`..`last`, read before they go: the index's key is
+        (device, ts, id), so that is how it finds their entries."""
+        if self._index is None:
+            return None
+        spans = conn.execute(
+            "SELECT device_id, min(ts), max(ts) FROM measurements WHERE id BETWEEN ? AND ? GROUP BY device_id",
+            (first, last),
+        ).fetchall()
+        return [tuple(span) for span in spans], first, last
 
     def _state_lane(self, conn: sqlite3.Connection) -> int:
         """Unsent device state beyond its byte budget or age limit goes, oldest first (not while in flight)."""
