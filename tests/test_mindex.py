@@ -4,8 +4,10 @@ read together with the rows it has not reached yet, purged with retention, rebui
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,30 @@ async def test_the_index_is_built_in_the_background_and_reads_match_the_table(tm
         assert views.device_metrics(conn, "d3") == ["hum", "temp"]
         conn.close()
         writer.close()
+    finally:
+        await indexer.stop()
+
+
+async def test_the_thread_indexes_a_few_rows_once_the_oldest_has_waited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below a batch's worth of rows, the index still catches up within `_MAX_WAIT_S` (shortened here)."""
+    monkeypatch.setattr(mindex, "_POLL_S", 0.01)
+    monkeypatch.setattr(mindex, "_MAX_WAIT_S", 0.2)
+    db = tmp_path / "bosun.db"
+    _database(db, 10)
+    indexer = mindex.Indexer(db)
+    await indexer.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert indexer.indexed_to == 0  # 10 rows are far below a batch: they wait
+        deadline = time.monotonic() + 5
+        while indexer.indexed_to < 10:
+            assert time.monotonic() < deadline, "never indexed"
+            await asyncio.sleep(0.01)
+        index = sqlite3.connect(indexer.path)
+        assert index.execute("SELECT count(*) FROM mi").fetchone()[0] == 10
+        index.close()
     finally:
         await indexer.stop()
 

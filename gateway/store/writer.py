@@ -34,8 +34,9 @@ Op = Callable[[sqlite3.Connection], Any]
 log = logging.getLogger(__name__)
 # Checkpoints every 0.5 s: often enough that the WAL stays short (pages not yet copied into the database are looked
 # up in the WAL, so a lagging checkpoint makes every commit slower) and that a WAL restart (below) has little left to
-# copy; rarely enough that a leaf page the load keeps changing (one per device in the measurements index) is not
-# copied at every commit. Measured at 10,000 msg/s FULL with WAL restarts, four alternating pairs of 20 s runs:
+# copy; rarely enough that a page the load keeps changing (then one per device in the measurements index, which has
+# since moved to store.mindex's file) is not copied at every commit. Measured at 10,000 msg/s FULL with WAL restarts,
+# four alternating pairs of 20 s runs:
 # PUBACK p99 105, 142, 83, 83 ms every 0.5 s against 162, 234, 118, 105 ms every 2 s (0.25 s had been worse than 2 s
 # before the WAL restarted). A PASSIVE checkpoint never blocks a writer and holds no GIL.
 _CHECKPOINT_S = 0.5
