@@ -144,7 +144,10 @@ class Retention:
             return None
         acked = _acked(conn, LANE_TELEMETRY)
         first, last = conn.execute(
-            "SELECT min(id), max(id) FROM (SELECT id FROM measurements WHERE id <= ? ORDER BY id LIMIT ?)",
+            # never the newest row: its id keeps the sequence going (an emptied table would hand out ids again,
+            # which the uplink's cursor and the measurements index have passed)
+            "SELECT min(id), max(id) FROM (SELECT id FROM measurements WHERE id <= ? "
+            "AND id < (SELECT max(id) FROM measurements) ORDER BY id LIMIT ?)",
             (acked, _CHUNK),
         ).fetchone()
         if first is not None:

@@ -34,6 +34,7 @@ from gateway.retention import Retention, used_bytes
 from gateway.store import registry
 from gateway.store.mindex import Indexer
 from gateway.store.reader import Reader
+from gateway.store.schema import LEGACY_INDEX
 from gateway.store.writer import Writer
 from gateway.trust import Trust
 from gateway.uplink.worker import Uplink
@@ -69,7 +70,7 @@ class Gateway:
         self.metrics = Metrics()
         self.hub = Hub(self.metrics)
         self.writer = Writer(cfg.db_path, cfg.store, self.metrics)
-        self.indexer = Indexer(cfg.db_path)
+        self.indexer = Indexer(cfg.db_path, self._drop_legacy_index)
         self.reader = Reader(cfg.db_path)
         self.accounts = Accounts(self.reader)
         self.presence = Presence(cfg.presence, self.writer, self.hub, self.metrics)
@@ -251,6 +252,9 @@ class Gateway:
                 "cpu_seconds": round(sum(process.cpu_times()[:2]), 3),
             },
         }
+
+    async def _drop_legacy_index(self) -> None:
+        await self.writer.run(lambda c: c.execute(f"DROP INDEX IF EXISTS {LEGACY_INDEX}"))
 
     async def db_used_bytes(self) -> int:
         return await self.reader.call(used_bytes)

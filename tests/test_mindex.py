@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Running, make_config
 
 from gateway.retention import used_bytes
+from gateway.runtime import Gateway
 from gateway.store import mindex, views
-from gateway.store.schema import connect, migrate
+from gateway.store.schema import LEGACY_INDEX, connect, migrate
 
 _INSERT = "INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)"
 
@@ -122,13 +124,43 @@ def test_without_the_index_attached_the_table_is_read_alone(tmp_path: Path) -> N
     conn.close()
 
 
-def test_the_database_keeps_no_per_device_index(tmp_path: Path) -> None:
-    """Inserting a measurement costs one append: the index lives in the other file."""
+async def test_the_database_s_own_index_is_dropped_once_the_file_has_caught_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until then it answers device queries (an upgraded site's history); afterwards inserting a measurement is one
+    append."""
+    monkeypatch.setattr(mindex, "_POLL_S", 0.01)
+    monkeypatch.setattr(mindex, "_MAX_WAIT_S", 0.1)
+    monkeypatch.setattr(mindex, "_BATCH_MAX", 1000)
     db = tmp_path / "bosun.db"
-    _database(db, 10)
-    conn = connect(db)
-    assert conn.execute("PRAGMA index_list(measurements)").fetchall() == []
-    conn.close()
+    _database(db, 5000)
+    seen: list[int] = []
+    writer = connect(db)
+
+    async def drop() -> None:
+        seen.append(indexer.indexed_to)
+        writer.execute(f"DROP INDEX {LEGACY_INDEX}")
+
+    assert [row[1] for row in writer.execute("PRAGMA index_list(measurements)")] == [LEGACY_INDEX]
+    indexer = mindex.Indexer(db, drop)
+    await indexer.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not seen:
+            assert time.monotonic() < deadline, "never dropped"
+            await asyncio.sleep(0.01)
+        assert seen == [5000]  # only after catching up, in steps of 1,000
+        assert writer.execute("PRAGMA index_list(measurements)").fetchall() == []
+    finally:
+        await indexer.stop()
+        writer.close()
+
+
+async def test_the_gateway_drops_the_database_s_own_index(gateway: Running) -> None:
+    deadline = time.monotonic() + 5
+    while gateway.rows("PRAGMA index_list(measurements)"):
+        assert time.monotonic() < deadline, "the legacy index is still there"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_device_s_latest_rows_read_a_few_index_pages_not_the_table(tmp_path: Path) -> None:
@@ -205,6 +237,10 @@ async def test_an_index_that_is_not_the_database_s_is_rebuilt(tmp_path: Path, ch
     while indexer._step():
         pass
     await indexer.stop()
+    index = sqlite3.connect(indexer.path)
+    index.execute("INSERT INTO mi VALUES ('d0', 1.0, 99999)")  # an entry of another database: must not survive
+    index.commit()
+    index.close()
     _change(db, indexer.path, change)
     again = mindex.Indexer(db)
     await again.start()
@@ -219,3 +255,50 @@ async def test_an_index_that_is_not_the_database_s_is_rebuilt(tmp_path: Path, ch
         source.close()
     finally:
         await again.stop()
+
+
+async def test_a_damaged_index_file_is_rebuilt_not_fatal(tmp_path: Path) -> None:
+    db = tmp_path / "bosun.db"
+    _database(db, 100)
+    mindex.index_path(db).write_bytes(b"this is not a database" * 100)
+    indexer = mindex.Indexer(db)
+    await indexer.start()
+    try:
+        while indexer._step():
+            pass
+        assert indexer.indexed_to == 100
+    finally:
+        await indexer.stop()
+
+
+async def test_retention_purges_the_entries_of_what_it_deletes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index keeps exactly the rows the database keeps. HQ has every row, and
+    still the newest stays: its id keeps the sequence going (an emptied table would hand out ids again)."""
+    monkeypatch.setattr(mindex, "_POLL_S", 0.01)
+    gw = Gateway(make_config(tmp_path / "var", **{"store.max_db_mb": 1}))
+    await gw.start()
+    try:
+        rows = [(f"s{i % 7}", "t", float(i), float(i)) for i in range(60_000)]
+        await gw.writer.run(
+            lambda c: c.executemany("INSERT INTO measurements(device_id, metric, ts, value) VALUES (?,?,?,?)", rows)
+        )
+        await gw.writer.run(lambda c: c.execute("UPDATE uplink_lanes SET acked = 60000 WHERE lane = 'telemetry'"))
+        events = [("s1", "press", float(i), float(i), i, "x" * 600) for i in range(3000)]  # never deleted: 1.8 MB
+        await gw.writer.run(
+            lambda c: c.executemany(
+                "INSERT INTO events(device_id, type, ts, received_at, sequence_id, payload) VALUES (?,?,?,?,?,?)",
+                events,
+            )
+        )
+        deadline = time.monotonic() + 10
+        while gw.indexer.indexed_to < 60_000:
+            assert time.monotonic() < deadline, "never indexed"
+            await asyncio.sleep(0.02)
+        trimmed = await gw.retention.run_once()
+        assert trimmed.measurements == 59_999  # still over the budget (the events), and yet the newest row stays
+        kept = {row[0] for row in await gw.reader.fetchall("SELECT id FROM measurements")}
+        assert kept == {60_000}
+        indexed = {row[0] for row in await gw.reader.fetchall("SELECT id FROM mindex.mi")}
+        assert indexed == kept
+    finally:
+        await gw.stop()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,7 +39,7 @@ _POLL_S = 0.5
 # cost 5.2 us at 50,000 and twice the file).
 _BATCH_MIN = 20_000
 _MAX_WAIT_S = 5.0
-_BATCH_MAX = 200_000  # rows per transaction while catching up (an existing database, a long stop)
+_BATCH_MAX = 100_000  # rows per transaction while catching up (an existing database, a long stop)
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS mi (device_id TEXT NOT NULL, ts REAL NOT NULL, id INTEGER NOT NULL, "
     "PRIMARY KEY (device_id, ts, id)) WITHOUT ROWID",
@@ -67,8 +68,11 @@ def is_attached(conn: sqlite3.Connection) -> bool:
 class Indexer:
     """Keeps the index file up with the database's measurements; its work runs on a thread of its own."""
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, drop_legacy: Callable[[], Awaitable[object]] | None = None) -> None:
         self._db_path = db_path
+        # the index the database itself had (schema migration 10) answers device queries until this one has caught
+        # up; then `drop_legacy` (a writer op: only the writer writes the database) drops it
+        self._drop_legacy = drop_legacy
         self.path = index_path(db_path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bosun-indexer")
         self._conn: sqlite3.Connection | None = None
@@ -78,13 +82,31 @@ class Indexer:
 
     async def start(self) -> None:
         """Create or check the file (before any reader attaches it), then index in the background."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._open)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_or_rebuild)
         self._task = asyncio.create_task(self._run(), name="bosun-indexer")
+
+    def _open_or_rebuild(self) -> None:
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:  # a damaged file: it only holds what the database has
+            log.error("the measurements index %s cannot be used (%s): rebuilding it", self.path, exc)
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            self._open()
 
     def _open(self) -> None:
         # derived data: a power cut costs a re-index, not a record; written in large sorted batches, so 4 KB pages
         conn = connect(self.path, synchronous="NORMAL", page_size=4096)
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._measure()
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("ATTACH DATABASE ? AS src", (str(self._db_path),))
         conn.execute(_SCHEMA[1])
         mine = dict(conn.execute("SELECT key, value FROM state").fetchall())
@@ -103,24 +125,34 @@ class Indexer:
         for key, value in (("indexed_to", indexed_to), ("epoch", epoch[0] if epoch else None), ("format", _FORMAT)):
             conn.execute("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", (key, value))
         conn.execute("COMMIT")
-        self._conn = conn
+        conn.execute("CREATE TEMP TABLE batch (device_id TEXT, ts REAL, id INTEGER)")
         self.indexed_to = indexed_to
-        self._measure()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         waiting_since: float | None = None
+        failing = ""
         while True:
             try:
                 behind = await loop.run_in_executor(self._executor, self._waiting)
                 if behind and waiting_since is None:
                     waiting_since = loop.time()
+                caught_up = not behind
                 if behind >= _BATCH_MIN or (behind and loop.time() - (waiting_since or 0.0) >= _MAX_WAIT_S):
                     while await loop.run_in_executor(self._executor, self._step):
                         pass  # catching up
                     waiting_since = None
+                    caught_up = True  # every row there was when the last step began is in
+                if self._drop_legacy is not None and caught_up:
+                    await self._drop_legacy()
+                    self._drop_legacy = None
+                if failing:
+                    log.info("measurements index: working again")
+                    failing = ""
             except sqlite3.Error as exc:
-                log.warning("measurements index: %s", exc)
+                if str(exc) != failing:  # once per distinct error, not every poll
+                    log.warning("measurements index: %s (device queries read the newest rows from the table)", exc)
+                    failing = str(exc)
             await asyncio.sleep(_POLL_S)
 
     def _waiting(self) -> int:
@@ -135,24 +167,41 @@ class Indexer:
         assert conn is not None
         top = conn.execute("SELECT coalesce(max(id), 0) FROM src.measurements").fetchone()[0]
         start = self.indexed_to
-        if top <= start:
+        if top < start:  # the table's ids went back (never expected: retention keeps the newest row)
+            log.warning("measurements index: the database has fewer rows than it indexed; rebuilding it")
+            self._reset()
+            return True
+        if top == start:
             return False
         end = min(top, start + _BATCH_MAX)
-        conn.execute("BEGIN")  # deferred: it writes this file only, and reads the database in one snapshot
+        # One short statement reads the rows (a rowid range) into memory, then the index is written without a
+        # snapshot of the database open: a reader of the database holds back the writer's WAL restart.
+        conn.execute(
+            "INSERT INTO temp.batch SELECT device_id, ts, id FROM src.measurements WHERE id > ? AND id <= ?",
+            (start, end),
+        )
+        conn.execute("BEGIN")
         try:
-            conn.execute(
-                "INSERT OR IGNORE INTO mi(device_id, ts, id) SELECT device_id, ts, id FROM src.measurements "
-                "WHERE id > ? AND id <= ? ORDER BY device_id, ts, id",
-                (start, end),
-            )
+            conn.execute("INSERT OR IGNORE INTO mi SELECT * FROM temp.batch ORDER BY device_id, ts, id")
             conn.execute("UPDATE state SET value = ? WHERE key = 'indexed_to'", (end,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        finally:
+            conn.execute("DELETE FROM temp.batch")
         self.indexed_to = end
         self._measure()
         return bool(end < top)
+
+    def _reset(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN")
+        conn.execute("DELETE FROM mi")
+        conn.execute("UPDATE state SET value = 0 WHERE key = 'indexed_to'")
+        conn.execute("COMMIT")
+        self.indexed_to = 0
 
     async def purge(self, spans: list[tuple[str, float, float]], first: int, last: int) -> int:
         """Drop the entries of measurements `first`..`last`, which retention deleted: `spans` gives each of their

@@ -26,20 +26,21 @@ class Reader:
         self._path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._conn: sqlite3.Connection | None = None
+        self._indexed = False
 
     async def start(self) -> None:
         self._conn = await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
 
     def _open(self) -> sqlite3.Connection:
         conn = connect(self._path, readonly=True)
-        mindex.attach(conn, self._path)  # the measurements' per-device index (store.views reads it)
+        self._indexed = mindex.attach(conn, self._path)  # the measurements' per-device index (store.views reads it)
         return conn
 
     async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn(conn)` in one read snapshot on the reader thread."""
         conn = self._conn
         assert conn is not None, "reader not started"
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _in_snapshot, conn, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _in_snapshot, conn, fn, self._indexed)
 
     async def fetchall(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> list[tuple[Any, ...]]:
         return await self.call(lambda c: [tuple(r) for r in c.execute(sql, params).fetchall()])
@@ -58,8 +59,12 @@ class Reader:
         self._executor.shutdown(wait=True)
 
 
-def _in_snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+def _in_snapshot(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], indexed: bool = False) -> T:
     conn.execute("BEGIN")
+    if indexed:
+        # the index's snapshot first: one older than the database's only leaves more rows to the table's own
+        # range (store.views), where a newer one could miss rows the database's snapshot still has
+        conn.execute(f"SELECT 1 FROM {mindex.ALIAS}.state LIMIT 1").fetchall()
     try:
         return fn(conn)
     finally:
