@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from gateway.errors import StoreError
 from gateway.store.schema import connect
 
 __all__ = ["ALIAS", "Indexer", "attach", "index_path", "is_attached"]
@@ -149,7 +150,7 @@ class Indexer:
                 if failing:
                     log.info("measurements index: working again")
                     failing = ""
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, StoreError) as exc:  # StoreError: the writer refused the legacy index's drop
                 if str(exc) != failing:  # once per distinct error, not every poll
                     log.warning("measurements index: %s (device queries read the newest rows from the table)", exc)
                     failing = str(exc)
