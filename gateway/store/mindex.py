@@ -18,8 +18,11 @@ of the table's own key).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,6 +44,9 @@ _POLL_S = 0.5
 _BATCH_MIN = 20_000
 _MAX_WAIT_S = 5.0
 _BATCH_MAX = 100_000  # rows per transaction while catching up (an existing database, a long stop)
+# Added to the thread's nice value (Linux schedules threads one by one). Two alternating pairs of 20 s runs at
+# 20,000 msg/s FULL: PUBACK p99 155 and 174 ms with it, 729 and 820 ms without; at 10,000 msg/s no difference.
+_NICE = 10
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS mi (device_id TEXT NOT NULL, ts REAL NOT NULL, id INTEGER NOT NULL, "
     "PRIMARY KEY (device_id, ts, id)) WITHOUT ROWID",
@@ -66,6 +72,13 @@ def is_attached(conn: sqlite3.Connection) -> bool:
     return any(row[1] == ALIAS for row in conn.execute("PRAGMA database_list"))
 
 
+def _background_priority() -> None:
+    """The index is background work: on a busy gateway its thread yields the CPU to the acknowledgements (and falls
+    behind for a while, which only lengthens the range device queries read from the table)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+
+
 class Indexer:
     """Keeps the index file up with the database's measurements; its work runs on a thread of its own."""
 
@@ -75,7 +88,9 @@ class Indexer:
         # up; then `drop_legacy` (a writer op: only the writer writes the database) drops it
         self._drop_legacy = drop_legacy
         self.path = index_path(db_path)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bosun-indexer")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="bosun-indexer", initializer=_background_priority
+        )
         self._conn: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self.indexed_to = 0
