@@ -5,9 +5,11 @@ read together with the rows it has not reached yet, purged with retention, rebui
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,20 @@ def _database(path: Path, rows: int, devices: int = 20, start: float = 1000.0) -
     return out
 
 
+@contextlib.asynccontextmanager
+async def _indexed(db: Path, rows: int, devices: int = 20) -> AsyncIterator[mindex.Indexer]:
+    """A database of `rows` measurements and its index, caught up."""
+    _database(db, rows, devices)
+    indexer = mindex.Indexer(db)
+    await indexer.start()
+    try:
+        while indexer._step():
+            pass
+        yield indexer
+    finally:
+        await indexer.stop()
+
+
 def _reader(path: Path) -> sqlite3.Connection:
     conn = connect(path, readonly=True)
     assert mindex.attach(conn, path)
@@ -59,12 +75,7 @@ def _expected(
 
 async def test_the_index_is_built_in_the_background_and_reads_match_the_table(tmp_path: Path) -> None:
     db = tmp_path / "bosun.db"
-    _database(db, 3000)
-    indexer = mindex.Indexer(db)
-    await indexer.start()
-    try:
-        while indexer._step():
-            pass
+    async with _indexed(db, 3000) as indexer:
         assert indexer.indexed_to == 3000
         assert indexer.used_bytes > 0
         writer = connect(db)
@@ -87,8 +98,6 @@ async def test_the_index_is_built_in_the_background_and_reads_match_the_table(tm
         assert views.device_metrics(conn, "d3") == ["hum", "temp"]
         conn.close()
         writer.close()
-    finally:
-        await indexer.stop()
 
 
 async def test_the_thread_indexes_a_few_rows_once_the_oldest_has_waited(
@@ -166,12 +175,7 @@ async def test_the_gateway_drops_the_database_s_own_index(gateway: Running) -> N
 async def test_a_device_s_latest_rows_read_a_few_index_pages_not_the_table(tmp_path: Path) -> None:
     """Counted in SQLite virtual-machine steps, as in test_query_cost: exact, whatever the machine's speed."""
     db = tmp_path / "bosun.db"
-    _database(db, 50_000, devices=100)
-    indexer = mindex.Indexer(db)
-    await indexer.start()
-    try:
-        while indexer._step():
-            pass
+    async with _indexed(db, 50_000, devices=100):
         conn = _reader(db)
         steps = 0
 
@@ -186,18 +190,11 @@ async def test_a_device_s_latest_rows_read_a_few_index_pages_not_the_table(tmp_p
         assert len(rows) == 20
         assert steps < 50, f"{steps * 100} steps: the query walked the table"  # a table scan is ~10,000
         conn.close()
-    finally:
-        await indexer.stop()
 
 
 async def test_entries_of_deleted_rows_are_purged_and_the_file_is_counted(tmp_path: Path) -> None:
     db = tmp_path / "bosun.db"
-    _database(db, 4000)
-    indexer = mindex.Indexer(db)
-    await indexer.start()
-    try:
-        while indexer._step():
-            pass
+    async with _indexed(db, 4000) as indexer:
         writer = connect(db)
         spans = writer.execute(
             "SELECT device_id, min(ts), max(ts) FROM measurements WHERE id BETWEEN 1001 AND 2500 GROUP BY device_id"
@@ -212,8 +209,6 @@ async def test_entries_of_deleted_rows_are_purged_and_the_file_is_counted(tmp_pa
         assert used_bytes(reader) == used_bytes(writer) + indexer.used_bytes
         reader.close()
         writer.close()
-    finally:
-        await indexer.stop()
 
 
 def _change(db: Path, index: Path, change: str) -> None:
@@ -231,12 +226,8 @@ def _change(db: Path, index: Path, change: str) -> None:
 @pytest.mark.parametrize("change", ["epoch", "fewer rows", "file deleted"])
 async def test_an_index_that_is_not_the_database_s_is_rebuilt(tmp_path: Path, change: str) -> None:
     db = tmp_path / "bosun.db"
-    _database(db, 300)
-    indexer = mindex.Indexer(db)
-    await indexer.start()
-    while indexer._step():
+    async with _indexed(db, 300) as indexer:
         pass
-    await indexer.stop()
     index = sqlite3.connect(indexer.path)
     index.execute("INSERT INTO mi VALUES ('d0', 1.0, 99999)")  # an entry of another database: must not survive
     index.commit()
