@@ -21,6 +21,7 @@ from gateway.config import StoreSection, UplinkSection
 from gateway.metrics import Metrics
 from gateway.store import mindex
 from gateway.store.records import LANE_STATE, LANE_TELEMETRY, loss
+from gateway.store.schema import used_pages_bytes
 from gateway.store.writer import Writer
 
 __all__ = ["Retention", "used_bytes"]
@@ -33,17 +34,10 @@ _Spans = tuple[list[tuple[str, float, float]], int, int]  # per device (id, olde
 def used_bytes(conn: sqlite3.Connection) -> int:
     """Bytes in use (free pages are reused, so they do not count against the budget), the measurements' index
     file included when the connection has it attached (a reader's: gateway/store/mindex.py)."""
-    used = _schema_bytes(conn, "main")
+    used = used_pages_bytes(conn)
     if mindex.is_attached(conn):
-        used += _schema_bytes(conn, mindex.ALIAS)
+        used += used_pages_bytes(conn, mindex.ALIAS)
     return used
-
-
-def _schema_bytes(conn: sqlite3.Connection, schema: str) -> int:
-    pages = conn.execute(f"PRAGMA {schema}.page_count").fetchone()[0]
-    free = conn.execute(f"PRAGMA {schema}.freelist_count").fetchone()[0]
-    size = conn.execute(f"PRAGMA {schema}.page_size").fetchone()[0]
-    return int((pages - free) * size)
 
 
 @dataclass
@@ -151,8 +145,7 @@ class Retention:
             (acked, _CHUNK),
         ).fetchone()
         if first is not None:
-            spans = self._spans(conn, first, last)
-            deleted = conn.execute("DELETE FROM measurements WHERE id BETWEEN ? AND ?", (first, last)).rowcount
+            deleted, spans = self._delete_measurements(conn, first, last)
             return "measurements", deleted, 0, spans
         deleted = conn.execute(
             "DELETE FROM traffic WHERE id IN (SELECT id FROM traffic ORDER BY id LIMIT ?)", (_CHUNK,)
@@ -172,21 +165,22 @@ class Retention:
         if not rows:
             return None
         first, last = rows[0][0], rows[-1][0]
-        spans = self._spans(conn, first, last)
-        deleted = conn.execute("DELETE FROM measurements WHERE id BETWEEN ? AND ?", (first, last)).rowcount
+        deleted, spans = self._delete_measurements(conn, first, last)
         loss(conn, LANE_TELEMETRY, first, last, deleted, "disk_budget")
         return "measurements", deleted, deleted, spans
 
-    def _spans(self, conn: sqlite3.Connection, first: int, last: int) -> _Spans | None:
-        """Each device's time span in measurements `first`..`last`, read before they go: the index's key is
-        (device, ts, id), so that is how it finds their entries."""
-        if self._index is None:
-            return None
-        spans = conn.execute(
-            "SELECT device_id, min(ts), max(ts) FROM measurements WHERE id BETWEEN ? AND ? GROUP BY device_id",
-            (first, last),
-        ).fetchall()
-        return [tuple(span) for span in spans], first, last
+    def _delete_measurements(self, conn: sqlite3.Connection, first: int, last: int) -> tuple[int, _Spans | None]:
+        """Delete measurements `first`..`last`; the rows deleted and, with an index, each device's time span in
+        them, read before they go: the index's key is (device, ts, id), so that is how it finds their entries."""
+        spans: _Spans | None = None
+        if self._index is not None:
+            rows = conn.execute(
+                "SELECT device_id, min(ts), max(ts) FROM measurements WHERE id BETWEEN ? AND ? GROUP BY device_id",
+                (first, last),
+            ).fetchall()
+            spans = [tuple(span) for span in rows], first, last
+        deleted = conn.execute("DELETE FROM measurements WHERE id BETWEEN ? AND ?", (first, last)).rowcount
+        return deleted, spans
 
     def _state_lane(self, conn: sqlite3.Connection) -> int:
         """Unsent device state beyond its byte budget or age limit goes, oldest first (not while in flight)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "connect", "migrate"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "connect", "migrate", "used_pages_bytes"]
 
 # Each entry moves the schema from version i to i+1. Never edit a released entry: append a new one.
 MIGRATIONS: list[str] = [
@@ -403,6 +403,14 @@ def connect(
             # the committing connection stalls every acknowledgement waiting for that commit
             conn.execute("PRAGMA wal_autocheckpoint = 0")
     return conn
+
+
+def used_pages_bytes(conn: sqlite3.Connection, schema: str = "main") -> int:
+    """Bytes in the pages in use of one attached database (free pages are reused, so they do not count)."""
+    pages = conn.execute(f"PRAGMA {schema}.page_count").fetchone()[0]
+    free = conn.execute(f"PRAGMA {schema}.freelist_count").fetchone()[0]
+    size = conn.execute(f"PRAGMA {schema}.page_size").fetchone()[0]
+    return int((pages - free) * size)
 
 
 def migrate(conn: sqlite3.Connection) -> int:
