@@ -144,6 +144,35 @@ async def test_the_bulk_child_waits_while_the_writer_thread_holds_its_flag(tmp_p
         hold.close()
 
 
+async def test_full_groups_go_to_the_child_without_waiting_for_its_answers(tmp_path: Path) -> None:
+    """While the child is busy, a group that is still filling waits (so groups grow with the load), but full ones are
+    handed over at once: the child never sits idle while full groups wait for the event loop to see an answer."""
+    path = tmp_path / "bosun.db"
+    conn = writer_module.connect(path)
+    writer_module.migrate(conn)
+    conn.close()
+    hold = Hold()
+    bulk = BulkWriter(path, "FULL", Metrics(), lambda: None, hold)
+    await bulk.start()
+    try:
+        await bulk.append(_INSERT, ("d0", "t", 0.0, 1.0))
+        hold.set()  # the child takes no turn: nothing it is sent is answered meanwhile
+        futures = {bulk.append(_INSERT, (f"d{i % 7}", "t", float(i), 1.0)) for i in range(4 * _GROUP_ROWS + 10)}
+        await asyncio.sleep(0.1)
+        assert len(futures) == 5
+        assert len(bulk._sent) == 4  # the four full groups; the fifth, still filling, waits for an answer
+        more = {bulk.append(_INSERT, ("d1", "t", 1.0, 1.0))}
+        await asyncio.sleep(0.1)
+        assert len(bulk._sent) == 4 and more <= futures
+        hold.clear()
+        await asyncio.wait_for(asyncio.gather(*futures, *more), 10)
+    finally:
+        hold.clear()
+        await bulk.stop()
+        hold.close()
+    assert _count(path, "SELECT count(*) FROM measurements") == 1 + 4 * _GROUP_ROWS + 10 + 1
+
+
 def _open_paths() -> list[str]:
     found = []
     for fd in Path("/proc/self/fd").iterdir():
