@@ -11,11 +11,11 @@ and 150-380 ms with the flag.
 
 `append(sql, row)` adds a row to the open group and returns that group's future, which resolves after the
 child's COMMIT. One group is committing while the next fills, so groups grow with the load, up to
-`_GROUP_ROWS`: a full group goes to the child at once (see `_FULL_IN_FLIGHT`) and the next row opens another. The cap bounds how long one COMMIT
-takes, and so how long a writer-thread op (a press, an ack) waits for its turn: unbounded groups fed on
-themselves under load (a slow commit let the next group grow, which made its commit slower) and held ops for
-half a second. If the child dies, the groups it held fail (their messages get no PUBACK, so devices resend
-them) and a new child starts.
+`_GROUP_ROWS`: a full group goes to the child at once (see `_FULL_IN_FLIGHT`) and the next row opens another.
+The cap bounds how long one COMMIT takes, and so how long a writer-thread op (a press, an ack) waits for its
+turn: unbounded groups fed on themselves under load (a slow commit let the next group grow, which made its
+commit slower) and held ops for half a second. If the child dies, the groups it held fail (their messages get
+no PUBACK, so devices resend them) and a new child starts.
 """
 
 from __future__ import annotations
