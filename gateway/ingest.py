@@ -290,16 +290,15 @@ class Ingest:
     def _measure(
         self, parsed: topics.DeviceTopic, metric: str, body: Any, received_at: float
     ) -> asyncio.Future[Any] | None:
-        """Telemetry: one measurement row per metric, appended to the writer's next group."""
+        """Telemetry: one measurement row per metric, all in the writer's next group (the PUBACK waits for that
+        group only, so a message's rows must not straddle two)."""
         metrics, ts = codec.extract_metrics(metric, body)
         if not metrics:
             self._metrics.drops.labels("no_measurements").inc()
             return None
         when = ts if ts is not None and _EARLIEST_DEVICE_TS <= ts <= received_at + 86400 else received_at
-        append = self._writer.append
-        future = None
-        for name, value in metrics:
-            future = append(_MEASUREMENT_SQL, (parsed.device_id, name, when, value))
+        device_id = parsed.device_id
+        future = self._writer.append_many(_MEASUREMENT_SQL, [(device_id, name, when, value) for name, value in metrics])
         self._tally(self._stored_measurements, len(metrics))
         return future
 

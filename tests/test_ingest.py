@@ -300,6 +300,13 @@ class _Writer:
             self.group = asyncio.get_running_loop().create_future()
         return self.group
 
+    def append_many(self, sql: str, rows: list[tuple[Any, ...]]) -> asyncio.Future[Any]:
+        future = self.group
+        for row in rows:
+            future = self.append(sql, row)
+        assert future is not None
+        return future
+
     def submit(self, op: Any) -> asyncio.Future[Any]:
         self.log.append(("op",))
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

@@ -173,6 +173,29 @@ async def test_full_groups_go_to_the_child_without_waiting_for_its_answers(tmp_p
     assert _count(path, "SELECT count(*) FROM measurements") == 1 + 4 * _GROUP_ROWS + 10 + 1
 
 
+async def test_the_rows_of_one_message_never_straddle_two_groups(tmp_path: Path) -> None:
+    """The PUBACK waits for one group's future: a message's measurements all go in the group that future stands
+    for, even one filling up, so none of them can fail in a group the PUBACK did not wait for."""
+    path = tmp_path / "bosun.db"
+    conn = writer_module.connect(path)
+    writer_module.migrate(conn)
+    conn.close()
+    hold = Hold()
+    bulk = BulkWriter(path, "FULL", Metrics(), lambda: None, hold)
+    await bulk.start()
+    try:
+        first = {bulk.append(_INSERT, ("d0", "t", float(i), 1.0)) for i in range(_GROUP_ROWS - 1)}
+        message = bulk.append_many(_INSERT, [("d1", metric, 1.0, 1.0) for metric in ("a", "b", "c")])
+        assert first == {message}
+        after = bulk.append(_INSERT, ("d2", "t", 2.0, 1.0))
+        assert after is not message  # the group, now past its bound, takes nothing more
+        await asyncio.wait_for(asyncio.gather(message, after), 10)
+    finally:
+        await bulk.stop()
+        hold.close()
+    assert _count(path, "SELECT count(*) FROM measurements") == _GROUP_ROWS - 1 + 3 + 1
+
+
 def _open_paths() -> list[str]:
     found = []
     for fd in Path("/proc/self/fd").iterdir():

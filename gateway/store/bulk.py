@@ -28,7 +28,7 @@ import os
 import struct
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,11 @@ class BulkWriter:
         return self._waiting_rows + self._sent_rows
 
     def append(self, sql: str, row: tuple[Any, ...]) -> asyncio.Future[None]:
+        return self.append_many(sql, (row,))
+
+    def append_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> asyncio.Future[None]:
+        """Add `rows` to the open group, all of them: the rows of one message commit or fail together (a group may
+        exceed `_GROUP_ROWS` by a message's rows)."""
         if self._closing:
             raise StoreError("the writer is stopping")
         waiting = self._waiting
@@ -127,12 +132,12 @@ class BulkWriter:
             if not self._scheduled and self._may_send():
                 self._scheduled = True
                 loop.call_soon(self._send)
-        rows = group.tables.get(sql)
-        if rows is None:
-            rows = group.tables[sql] = []
-        rows.append(row)
-        group.rows += 1
-        self._waiting_rows += 1
+        table = group.tables.get(sql)
+        if table is None:
+            table = group.tables[sql] = []
+        table.extend(rows)
+        group.rows += len(rows)
+        self._waiting_rows += len(rows)
         return group.future
 
     def _send(self) -> None:

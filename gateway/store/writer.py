@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -170,15 +170,19 @@ class Writer:
 
         With `store.writer_process` the group is committed by the child process, independently of ops.
         """
+        return self.append_many(sql, (row,))
+
+    def append_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> asyncio.Future[Any]:
+        """`append` for several rows that commit together (one message's measurements)."""
         if self._closing:
             raise StoreError("the writer is stopping")
         if self._proc is not None:
-            return self._proc.append(sql, row)
-        rows = self._bulk.get(sql)
-        if rows is None:
-            rows = self._bulk[sql] = []
-        rows.append(row)
-        self._bulk_rows += 1
+            return self._proc.append_many(sql, rows)
+        table = self._bulk.get(sql)
+        if table is None:
+            table = self._bulk[sql] = []
+        table.extend(rows)
+        self._bulk_rows += len(rows)
         future = self._bulk_future
         if future is None:
             assert self._loop_ref is not None
