@@ -13,7 +13,7 @@ import msgspec
 
 from gateway.errors import PayloadError
 
-__all__ = ["decode", "extract_metrics", "normalize", "parse_time", "snake_case", "to_number"]
+__all__ = ["decode", "extract_metrics", "flat_metrics", "normalize", "parse_time", "snake_case", "to_number"]
 
 _CAMEL_1 = re.compile(r"(.)([A-Z][a-z]+)")
 _CAMEL_2 = re.compile(r"([a-z0-9])([A-Z])")
@@ -240,3 +240,33 @@ def extract_metrics(action: str, payload: Any) -> tuple[list[tuple[str, float | 
     if number is not None:
         return [(action, as_float(number))], None
     return [], None
+
+
+_PLAIN: dict[Any, bool] = {}
+
+
+def _plain(key: Any) -> bool:
+    """A key `normalize` keeps as it is and `extract_metrics` turns into a metric of that name."""
+    plain = _PLAIN.get(key)
+    if plain is None:
+        plain = type(key) is str and snake_case(key) == key and key not in _VALUE_KEYS and key not in _SKIP_KEYS
+        if len(_PLAIN) >= 4096:
+            _PLAIN.clear()
+        _PLAIN[key] = plain
+    return plain
+
+
+def flat_metrics(payload: Any) -> list[tuple[str, float | None]] | None:
+    """`extract_metrics(action, normalize(payload))[0]` for the usual telemetry, a JSON object of finite floats under
+    snake_case keys with no timestamp, in one pass and without the normalized copy; None for any other payload
+    (the caller takes the general path). Nearly every message at 10,000 msg/s is this shape."""
+    if type(payload) is not dict or not payload:
+        return None
+    isfinite = math.isfinite
+    plain = _PLAIN
+    out: list[tuple[str, float | None]] = []
+    for key, value in payload.items():
+        if type(value) is not float or not isfinite(value) or not (plain.get(key) or _plain(key)):
+            return None
+        out.append((key, value))
+    return out

@@ -109,13 +109,18 @@ class Ingest:
             return self._submit(msg)
         parsed = known[0]
         try:
-            body = codec.normalize(codec.decode(payload, parsed.msgpack))
+            raw = codec.decode(payload, parsed.msgpack)
         except PayloadError:
             return self._submit(msg)  # decoded again there, counted and logged with its reason
         self._tally(known[2])
         received_at = msg.received_at
         self._presence.seen(parsed.device_id, received_at)
-        rows = self._measure(parsed, known[5], body, received_at)
+        flat = codec.flat_metrics(raw)
+        rows: asyncio.Future[Any] | None
+        if flat is not None:
+            rows = self._store_metrics(parsed.device_id, flat, received_at)
+        else:
+            rows = self._measure(parsed, known[5], codec.normalize(raw), received_at)
         if self._traffic_budget():
             traffic = self._writer.append(_TRAFFIC_SQL, self._traffic_row(msg, None))
             if rows is None:
@@ -297,7 +302,11 @@ class Ingest:
             self._metrics.drops.labels("no_measurements").inc()
             return None
         when = ts if ts is not None and _EARLIEST_DEVICE_TS <= ts <= received_at + 86400 else received_at
-        device_id = parsed.device_id
+        return self._store_metrics(parsed.device_id, metrics, when)
+
+    def _store_metrics(
+        self, device_id: str, metrics: list[tuple[str, float | None]], when: float
+    ) -> asyncio.Future[Any]:
         future = self._writer.append_many(_MEASUREMENT_SQL, [(device_id, name, when, value) for name, value in metrics])
         self._tally(self._stored_measurements, len(metrics))
         return future

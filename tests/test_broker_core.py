@@ -89,6 +89,10 @@ def test_parser_refuses_malformed_fixed_headers(data: bytes, rule: str) -> None:
 def test_parser_refuses_a_packet_over_the_limit_before_reading_it() -> None:
     with pytest.raises(Malformed, match="exceeds"):
         Parser(100).feed(b"\x30\xe8\x07")  # announces 1000 bytes
+    whole = _publish("t/1", b"x" * 60)  # a whole small packet in one read takes the parser's short way
+    assert len(Parser(100).feed(whole)) == 1
+    with pytest.raises(Malformed, match="exceeds"):
+        Parser(50).feed(whole)
 
 
 def test_decoders_name_the_rule_broken() -> None:

@@ -697,3 +697,43 @@ def test_numbers_too_large_for_python_are_refused_or_invalid_never_raised() -> N
     assert codec.extract_metrics("telemetry", huge) == ([("telemetry", None)], None)
     assert codec.parse_time(huge) is None
     assert codec.extract_metrics("telemetry", {"v": 1, "ts": huge}) == ([("v", 1.0)], None)
+
+
+# --- flat_metrics: the telemetry fast path ----------------------------------------------------------
+
+_FLAT_KEYS = [
+    "temperature", "humidity", "heapFreeKb", "Temperature", "heap-free", "value", "unit", "time", "ts",
+    "timestamp", "device_id", "sequence_id", "battery_pct", "rssi", "fw_version", "a.b", "", "x1", "ünits",
+]  # fmt: skip
+_FLAT_VALUES: list[Any] = [
+    21.5, -0.0, 1e300, float("nan"), float("inf"), -float("inf"), 3, True, None, "22.5", "", [1.0], {"x": 1.0},
+    1.5e-300, 0.1,
+]  # fmt: skip
+
+
+def test_flat_metrics_is_extract_metrics_of_normalize_whenever_it_answers() -> None:
+    """The fast path must give exactly what the general one gives (names, values, order, no device time), and
+    it must answer for the usual telemetry; everything else is left to the general path (None)."""
+    rng = random.Random(11)
+    answered = 0
+    for _ in range(20_000):
+        keys = rng.sample(_FLAT_KEYS, rng.randint(0, 4))
+        common = rng.random() < 0.5  # half of them the usual shape: finite floats under plain keys
+        payload = {
+            key: (rng.choice([21.5, -3.25, 0.0, 1e300, 0.1]) if common else rng.choice(_FLAT_VALUES)) for key in keys
+        }
+        fast = codec.flat_metrics(payload)
+        if fast is None:
+            continue
+        answered += 1
+        metrics, ts = codec.extract_metrics("telemetry", codec.normalize(payload))
+        assert ts is None, payload
+        assert fast == metrics, payload
+        assert all(type(v) is float for _, v in fast)
+    assert answered > 2_000
+    assert codec.flat_metrics(codec.decode(b'{"temperature": 21.5, "humidity": 45.2}', False)) == [
+        ("temperature", 21.5),
+        ("humidity", 45.2),
+    ]
+    for other in ({}, [], 21.5, "21.5", None, {"heapFreeKb": 1.0}, {"value": 1.0}, {"t": 1.0, "ts": 2.0}):
+        assert codec.flat_metrics(other) is None, other
