@@ -88,9 +88,9 @@ class BulkWriter:
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiting: deque[_Group] = deque()  # not yet sent; only the last one takes new rows
-        self._waiting_rows = 0
+        self.waiting_rows = 0  # rows in `_waiting`; read by Writer.congested
         self._sent: dict[int, tuple[asyncio.Future[None], int]] = {}
-        self._sent_rows = 0
+        self.sent_rows = 0  # rows in `_sent`
         self._next_id = 0
         self._scheduled = False
         self._closing = False
@@ -113,7 +113,7 @@ class BulkWriter:
 
     @property
     def depth(self) -> int:
-        return self._waiting_rows + self._sent_rows
+        return self.waiting_rows + self.sent_rows
 
     def append(self, sql: str, row: tuple[Any, ...]) -> asyncio.Future[None]:
         return self.append_many(sql, (row,))
@@ -137,7 +137,7 @@ class BulkWriter:
             table = group.tables[sql] = []
         table.extend(rows)
         group.rows += len(rows)
-        self._waiting_rows += len(rows)
+        self.waiting_rows += len(rows)
         return group.future
 
     def _send(self) -> None:
@@ -150,11 +150,11 @@ class BulkWriter:
         waiting = self._waiting
         while self._may_send():
             group = waiting.popleft()
-            self._waiting_rows -= group.rows
+            self.waiting_rows -= group.rows
             self._next_id += 1
             body = msgpack.packb([self._next_id, list(group.tables.items())])
             self._sent[self._next_id] = (group.future, group.rows)
-            self._sent_rows += group.rows
+            self.sent_rows += group.rows
             proc.stdin.write(_LEN.pack(len(body)) + body)
 
     def _may_send(self) -> bool:
@@ -173,7 +173,7 @@ class BulkWriter:
                 head = await proc.stdout.readexactly(4)
                 group_id, error = msgpack.unpackb(await proc.stdout.readexactly(_LEN.unpack(head)[0]))
                 future, rows = self._sent.pop(group_id)
-                self._sent_rows -= rows
+                self.sent_rows -= rows
                 self.groups += 1
                 self.rows += rows
                 self._metrics.writer_batch.observe(rows)
@@ -192,7 +192,7 @@ class BulkWriter:
         for future, rows in self._sent.values():
             self._fail(future, rows, StoreError("the bulk writer process died"))
         self._sent.clear()
-        self._sent_rows = 0
+        self.sent_rows = 0
         await self.start()
         if self._waiting:
             self._send()

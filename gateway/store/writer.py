@@ -143,7 +143,12 @@ class Writer:
 
     @property
     def congested(self) -> bool:
-        return self.depth >= self._cfg.queue_max
+        # asked after every read from every client: the sum spelled out, without `depth`'s property calls
+        proc = self._proc
+        queued = len(self._pending) + self._bulk_rows
+        if proc is not None:
+            queued += proc.waiting_rows + proc.sent_rows
+        return queued >= self._cfg.queue_max
 
     def _check_room(self) -> None:
         if not self.congested:
