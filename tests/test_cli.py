@@ -615,6 +615,19 @@ async def test_db_check_while_the_gateway_runs(gateway: Running) -> None:
     assert result.returncode == 0, result.stderr
     assert b"integrity ok" in result.stdout
     assert re.search(rb"^\s+devices\s+1$", result.stdout, re.MULTILINE)
+    # the running gateway keeps the measurements index beside the database: checked too
+    assert re.search(rb"^measurements index .*bosun-index\.db: integrity ok, 0 entries", result.stdout, re.MULTILINE)
+
+
+def test_db_check_names_a_damaged_measurements_index_without_failing(tmp_path: Path) -> None:
+    """The index is derived data the gateway rebuilds at start: a damaged one is reported, the check still passes."""
+    data = tmp_path / "var"
+    assert add_device(tmp_path, data, "btn-1").returncode == 0
+    (data / "bosun-index.db").write_bytes(b"not a database at all" * 100)
+    result = bosun(tmp_path, "db", "check", "--data-dir", str(data))
+    assert result.returncode == 0, result.stderr
+    assert "integrity ok" in result.stdout
+    assert re.search(r"^measurements index .*: damaged \(.*\): the gateway rebuilds it", result.stdout, re.MULTILINE)
 
 
 # --- --config and the environment --------------------------------------------------------------------------
