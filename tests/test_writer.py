@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -118,10 +120,9 @@ async def test_a_wal_that_keeps_growing_under_load_is_restarted(
     assert _count(tmp_path / "bosun.db", "SELECT count(*) FROM measurements") == 40 * 1001
 
 
-async def test_the_bulk_child_waits_while_the_writer_thread_holds_its_flag(tmp_path: Path) -> None:
-    """The child reads the writer thread's flag from shared memory: no group commits while it is up, and the
-    waiting group commits as soon as it drops."""
-    path = tmp_path / "bosun.db"
+@contextlib.asynccontextmanager
+async def _bulk_writer(path: Path) -> AsyncIterator[tuple[BulkWriter, Hold]]:
+    """A migrated database and a bulk writer (its child process) with the writer thread's flag, stopped after."""
     conn = writer_module.connect(path)
     writer_module.migrate(conn)
     conn.close()
@@ -129,6 +130,18 @@ async def test_the_bulk_child_waits_while_the_writer_thread_holds_its_flag(tmp_p
     bulk = BulkWriter(path, "FULL", Metrics(), lambda: None, hold)
     await bulk.start()
     try:
+        yield bulk, hold
+    finally:
+        hold.clear()
+        await bulk.stop()
+        hold.close()
+
+
+async def test_the_bulk_child_waits_while_the_writer_thread_holds_its_flag(tmp_path: Path) -> None:
+    """The child reads the writer thread's flag from shared memory: no group commits while it is up, and the
+    waiting group commits as soon as it drops."""
+    path = tmp_path / "bosun.db"
+    async with _bulk_writer(path) as (bulk, hold):
         await bulk.append(_INSERT, ("d0", "t", 0.0, 1.0))  # the child is up and has committed once
         hold.set()
         held = bulk.append(_INSERT, ("d1", "t", 1.0, 1.0))
@@ -138,23 +151,13 @@ async def test_the_bulk_child_waits_while_the_writer_thread_holds_its_flag(tmp_p
         hold.clear()
         await asyncio.wait_for(held, 5)
         assert _count(path, "SELECT count(*) FROM measurements") == 2
-    finally:
-        hold.clear()
-        await bulk.stop()
-        hold.close()
 
 
 async def test_full_groups_go_to_the_child_without_waiting_for_its_answers(tmp_path: Path) -> None:
     """While the child is busy, a group that is still filling waits (so groups grow with the load), but full ones are
     handed over at once: the child never sits idle while full groups wait for the event loop to see an answer."""
     path = tmp_path / "bosun.db"
-    conn = writer_module.connect(path)
-    writer_module.migrate(conn)
-    conn.close()
-    hold = Hold()
-    bulk = BulkWriter(path, "FULL", Metrics(), lambda: None, hold)
-    await bulk.start()
-    try:
+    async with _bulk_writer(path) as (bulk, hold):
         await bulk.append(_INSERT, ("d0", "t", 0.0, 1.0))
         hold.set()  # the child takes no turn: nothing it is sent is answered meanwhile
         futures = {bulk.append(_INSERT, (f"d{i % 7}", "t", float(i), 1.0)) for i in range(4 * _GROUP_ROWS + 10)}
@@ -166,10 +169,6 @@ async def test_full_groups_go_to_the_child_without_waiting_for_its_answers(tmp_p
         assert len(bulk._sent) == 4 and more <= futures
         hold.clear()
         await asyncio.wait_for(asyncio.gather(*futures, *more), 10)
-    finally:
-        hold.clear()
-        await bulk.stop()
-        hold.close()
     assert _count(path, "SELECT count(*) FROM measurements") == 1 + 4 * _GROUP_ROWS + 10 + 1
 
 
@@ -177,22 +176,13 @@ async def test_the_rows_of_one_message_never_straddle_two_groups(tmp_path: Path)
     """The PUBACK waits for one group's future: a message's measurements all go in the group that future stands
     for, even one filling up, so none of them can fail in a group the PUBACK did not wait for."""
     path = tmp_path / "bosun.db"
-    conn = writer_module.connect(path)
-    writer_module.migrate(conn)
-    conn.close()
-    hold = Hold()
-    bulk = BulkWriter(path, "FULL", Metrics(), lambda: None, hold)
-    await bulk.start()
-    try:
+    async with _bulk_writer(path) as (bulk, _):
         first = {bulk.append(_INSERT, ("d0", "t", float(i), 1.0)) for i in range(_GROUP_ROWS - 1)}
         message = bulk.append_many(_INSERT, [("d1", metric, 1.0, 1.0) for metric in ("a", "b", "c")])
         assert first == {message}
         after = bulk.append(_INSERT, ("d2", "t", 2.0, 1.0))
         assert after is not message  # the group, now past its bound, takes nothing more
         await asyncio.wait_for(asyncio.gather(message, after), 10)
-    finally:
-        await bulk.stop()
-        hold.close()
     assert _count(path, "SELECT count(*) FROM measurements") == _GROUP_ROWS - 1 + 3 + 1
 
 
