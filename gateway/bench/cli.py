@@ -26,6 +26,7 @@ QUICK = {
     "idle": 20,
     "relay_qos0": 3000,
     "relay_qos1": 2000,
+    "relay_rounds": 1,
     "relay_deadline": 15.0,
 }
 
@@ -55,6 +56,11 @@ def _rates(text: str) -> tuple[float, ...]:
 @click.option("--inflight", type=click.IntRange(1, 1000), help="Unacknowledged QoS 1 messages per device (20).")
 @click.option("--idle", type=click.IntRange(0, 20_000), help="Idle subscribers in the relay (default --devices).")
 @click.option("--relay-messages", help="Relay messages for QoS 0 and QoS 1, e.g. 50000,30000 (QoS 1 under 60000).")
+@click.option(
+    "--relay-rounds",
+    type=click.IntRange(1, 20),
+    help="Relay rounds per broker and QoS; the median is reported (default 3, 1 with --quick).",
+)
 @click.option("--relay-sync", type=click.Choice(["NORMAL", "FULL"]), help="synchronous mode of the gateway relayed.")
 @click.option("--skip-relay", is_flag=True, help="Only the durable scenario.")
 @click.option("--skip-mosquitto", is_flag=True, help="No Mosquitto baseline (no ratios).")
@@ -95,7 +101,8 @@ def _settings(options: dict[str, Any]) -> Settings:
         values["rates"] = (options["rate"],)
     elif options["rates"] is not None:
         values["rates"] = _rates(options["rates"])
-    for key in ("devices", "duration", "warmup", "normal_duration", "qos", "inflight", "idle", "relay_sync", "out"):
+    plain = ("devices", "duration", "warmup", "normal_duration", "qos", "inflight", "idle", "relay_rounds")
+    for key in (*plain, "relay_sync", "out"):
         if options[key] is not None:
             values[key] = options[key]
     if options["normal_duration"] is None and not options["quick"]:

@@ -230,10 +230,10 @@ def _durable_table(runs: list[dict[str, Any]]) -> Table:
 
 def _relay_table(relay: dict[str, Any]) -> Table:
     table = Table(
-        title="Relay: 1 publisher -> 1 wildcard subscriber, plus idle subscribers",
+        title="Relay: 1 publisher -> 1 wildcard subscriber, plus idle subscribers (the median of its rounds)",
         title_justify="left",
     )
-    for name in ("broker", "QoS", "delivered", "msg/s", "CPU µs/msg", "CPU %", "RSS MB idle"):
+    for name in ("broker", "QoS", "delivered", "msg/s", "rounds' msg/s", "CPU µs/msg", "CPU %", "RSS MB idle"):
         table.add_column(name, justify="right")
     for broker in ("gateway", "mosquitto"):
         figures = relay.get(broker, {})
@@ -247,6 +247,7 @@ def _relay_table(relay: dict[str, Any]) -> Table:
                 qos[-1],
                 delivered if f["complete"] else f"[yellow]{delivered}[/]",
                 f"{f['rate']:,.0f}",
+                " ".join(f"{rate / 1000:.0f}k" for rate in f.get("round_rates", [])),
                 _ms(f["cpu_us_per_msg"]),
                 _ms(f["broker_cpu_percent"]),
                 _ms(figures.get("rss_mb_idle")),
@@ -258,6 +259,7 @@ def _relay_table(relay: dict[str, Any]) -> Table:
             qos[-1],
             "",
             "n/a" if rate is None else f"{rate:.2f}x",
+            "",
             "n/a" if cpu is None else f"{cpu:.2f}x",
             "",
             "",

@@ -52,6 +52,7 @@ class Settings:
     relay_qos0: int = 50_000
     relay_qos1: int = 30_000
     relay_inflight: int = 1000
+    relay_rounds: int = 3  # each broker's relay is run this many times at each QoS; the median round is reported
     relay_deadline: float = 60.0
     relay_sync: str = "NORMAL"
     skip_relay: bool = False
@@ -294,17 +295,30 @@ async def _relay_runs(settings: Settings, name: str, port: int, broker: procs.Pr
         results.data["relay"][name] = out
         for qos, messages in ((0, settings.relay_qos0), (1, settings.relay_qos1)):
             plan = RelayPlan(qos, messages, settings.relay_inflight, settings.relay_deadline)
-            task, report = ui.phase(f"{name}: relay QoS {qos}")
-            figures = await relay(port, broker, plan, PREFIX, f"{name}-q{qos}", report)
-            figures["idle_alive"] = fleet.alive
-            out[f"qos{qos}"] = figures
-            ui.done(task, _relay_line(figures))
-            if not broker.alive:
-                raise RuntimeError(
-                    f"{name} exited with {broker.popen.returncode} during the relay:\n{broker.log_tail()}"
-                )
+            rounds = []
+            for index in range(1, settings.relay_rounds + 1):
+                task, report = ui.phase(f"{name}: relay QoS {qos}, round {index}/{settings.relay_rounds}")
+                figures = await relay(port, broker, plan, PREFIX, f"{name}-q{qos}-r{index}", report)
+                figures["idle_alive"] = fleet.alive
+                rounds.append(figures)
+                ui.done(task, _relay_line(figures))
+                if not broker.alive:
+                    raise RuntimeError(
+                        f"{name} exited with {broker.popen.returncode} during the relay:\n{broker.log_tail()}"
+                    )
+            out[f"qos{qos}"] = _median_round(rounds)
     finally:
         await fleet.close()
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round of median rate, with every round's rate beside it. A relay round lasts well under a second (30,000
+    QoS 1 messages in ~0.3 s), so a moment's stall of the shared machine decides a single round: over 14 full runs
+    one round each gave a QoS 1 ratio to Mosquitto from 0.94 to 1.67. Both brokers are measured the same way."""
+    ranked = sorted(rounds, key=lambda f: f["rate"])
+    median = dict(ranked[(len(ranked) - 1) // 2])
+    median["round_rates"] = [f["rate"] for f in rounds]
+    return median
 
 
 def _ratios(relay: dict[str, Any]) -> None:
