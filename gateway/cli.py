@@ -378,14 +378,14 @@ def _index_check(path: Path, measurements: int) -> str:
         try:
             result = conn.execute("PRAGMA integrity_check").fetchone()[0]
             entries = conn.execute("SELECT count(*) FROM mi").fetchone()[0]
-            row = conn.execute("SELECT value FROM state WHERE key = 'indexed_to'").fetchone()
+            reached = mindex.indexed_to(conn, "main")
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
         return f"damaged ({exc}): the gateway rebuilds it when it starts"
     if result != "ok":
         return f"integrity {result}: the gateway rebuilds it when it starts"
-    return f"integrity ok, {entries} entries for {measurements} measurements, indexed up to row {row[0] if row else 0}"
+    return f"integrity ok, {entries} entries for {measurements} measurements, indexed up to row {reached}"
 
 
 @main.group("config")

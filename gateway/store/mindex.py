@@ -30,7 +30,7 @@ from pathlib import Path
 from gateway.errors import StoreError
 from gateway.store.schema import connect, used_pages_bytes
 
-__all__ = ["ALIAS", "Indexer", "attach", "index_path", "is_attached"]
+__all__ = ["ALIAS", "Indexer", "attach", "index_path", "indexed_to", "is_attached"]
 
 log = logging.getLogger(__name__)
 ALIAS = "mindex"
@@ -69,6 +69,12 @@ def attach(conn: sqlite3.Connection, db_path: Path) -> bool:
         return False
     conn.execute(f"ATTACH DATABASE ? AS {ALIAS}", (str(path),))
     return True
+
+
+def indexed_to(conn: sqlite3.Connection, schema: str = ALIAS) -> int:
+    """The last measurement id the index has reached (rows after it are read from the table itself)."""
+    row = conn.execute(f"SELECT value FROM {schema}.state WHERE key = 'indexed_to'").fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 def is_attached(conn: sqlite3.Connection) -> bool:

@@ -78,7 +78,7 @@ def _device_rows(
             f"ORDER BY {order} LIMIT ?"
         )
         return conn.execute(sql, [device_id, *params, limit]).fetchall()
-    indexed_to = conn.execute(f"SELECT value FROM {mindex.ALIAS}.state WHERE key = 'indexed_to'").fetchone()
+
     # ts and id come from the index in the first part, so its own order answers ORDER BY without a sort
     sql = (
         f"SELECT ts, metric, value FROM ("
@@ -90,7 +90,7 @@ def _device_rows(
         f"WHERE m.id > ? AND m.device_id = ?{conds.format(t='m')} ORDER BY {order} LIMIT ?)"
         f") ORDER BY {order} LIMIT ?"
     )
-    tail = int(indexed_to[0]) if indexed_to is not None else 0
+    tail = mindex.indexed_to(conn)
     args = [device_id, *params, limit, tail, device_id, *params, limit, limit]
     return conn.execute(sql, args).fetchall()
 
