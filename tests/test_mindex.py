@@ -211,6 +211,12 @@ async def test_entries_of_deleted_rows_are_purged_and_the_file_is_counted(tmp_pa
         writer.close()
 
 
+def _entries(index: sqlite3.Connection) -> list[tuple[int, str, float]]:
+    """(id, device_id, ts) of every entry in an index file, by id."""
+    sql = "SELECT i.id, d.device_id, i.ts FROM mi AS i JOIN devices AS d ON d.n = i.dev ORDER BY i.id"
+    return index.execute(sql).fetchall()
+
+
 def _change(db: Path, index: Path, change: str) -> None:
     conn = connect(db)
     if change == "epoch":  # another database restored under the same name
@@ -229,7 +235,7 @@ async def test_an_index_that_is_not_the_database_s_is_rebuilt(tmp_path: Path, ch
     async with _indexed(db, 300) as indexer:
         pass
     index = sqlite3.connect(indexer.path)
-    index.execute("INSERT INTO mi VALUES ('d0', 1.0, 99999)")  # an entry of another database: must not survive
+    index.execute("INSERT INTO mi VALUES (1, 1.0, 99999)")  # an entry of another database: must not survive
     index.commit()
     index.close()
     _change(db, indexer.path, change)
@@ -241,11 +247,46 @@ async def test_an_index_that_is_not_the_database_s_is_rebuilt(tmp_path: Path, ch
         index = sqlite3.connect(again.path)
         source = sqlite3.connect(db)
         want = source.execute("SELECT id, device_id, ts FROM measurements ORDER BY id").fetchall()
-        assert index.execute("SELECT id, device_id, ts FROM mi ORDER BY id").fetchall() == want
+        assert _entries(index) == want
         index.close()
         source.close()
     finally:
         await again.stop()
+
+
+async def test_an_index_file_of_the_older_format_is_built_again_in_the_new_one(tmp_path: Path) -> None:
+    """Format 2 named devices in every entry, in 4 KB pages: its file is deleted and built again (1 KB pages, devices
+    by number), and device queries answer from the new one."""
+    db = tmp_path / "bosun.db"
+    _database(db, 300)
+    old = sqlite3.connect(mindex.index_path(db), isolation_level=None)
+    old.execute("PRAGMA page_size = 4096")
+    old.execute("PRAGMA journal_mode = WAL")
+    old.execute("CREATE TABLE state (key TEXT PRIMARY KEY, value)")
+    old.execute("INSERT INTO state VALUES ('format', '2'), ('indexed_to', 300), ('epoch', NULL)")
+    old.execute(
+        "CREATE TABLE mi (device_id TEXT NOT NULL, ts REAL NOT NULL, id INTEGER NOT NULL, "
+        "PRIMARY KEY (device_id, ts, id)) WITHOUT ROWID"
+    )
+    old.execute("INSERT INTO mi SELECT device_id, ts, id FROM (SELECT 'd1' AS device_id, 1.0 AS ts, 1 AS id)")
+    old.close()
+    indexer = mindex.Indexer(db)
+    await indexer.start()
+    try:
+        assert indexer.indexed_to == 0  # what the old file claimed does not count
+        while indexer._step():
+            pass
+        index = sqlite3.connect(indexer.path)
+        assert index.execute("PRAGMA page_size").fetchone()[0] == 1024
+        source = sqlite3.connect(db)
+        assert _entries(index) == source.execute("SELECT id, device_id, ts FROM measurements ORDER BY id").fetchall()
+        index.close()
+        source.close()
+        reader = _reader(db)
+        assert len(views.measurements(reader, "d3", limit=1000)) == 15  # 300 rows over 20 devices
+        reader.close()
+    finally:
+        await indexer.stop()
 
 
 async def test_a_damaged_index_file_is_rebuilt_not_fatal(tmp_path: Path) -> None:

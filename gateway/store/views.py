@@ -83,15 +83,16 @@ def _device_rows(
     sql = (
         f"SELECT ts, metric, value FROM ("
         f"SELECT * FROM (SELECT i.ts AS ts, i.id AS id, m.metric AS metric, m.value AS value "
-        f"FROM {mindex.ALIAS}.mi AS i JOIN measurements AS m ON m.id = i.id AND m.device_id = i.device_id "
-        f"WHERE i.device_id = ?{conds.format(t='i')} ORDER BY {order} LIMIT ?) "
+        f"FROM {mindex.ALIAS}.mi AS i JOIN measurements AS m ON m.id = i.id AND m.device_id = ? "
+        f"WHERE i.dev = (SELECT n FROM {mindex.ALIAS}.devices WHERE device_id = ?){conds.format(t='i')} "
+        f"ORDER BY {order} LIMIT ?) "
         f"UNION ALL "
         f"SELECT * FROM (SELECT m.ts AS ts, m.id AS id, m.metric AS metric, m.value AS value FROM measurements AS m "
         f"WHERE m.id > ? AND m.device_id = ?{conds.format(t='m')} ORDER BY {order} LIMIT ?)"
         f") ORDER BY {order} LIMIT ?"
     )
     tail = mindex.indexed_to(conn)
-    args = [device_id, *params, limit, tail, device_id, *params, limit, limit]
+    args = [device_id, device_id, *params, limit, tail, device_id, *params, limit, limit]
     return conn.execute(sql, args).fetchall()
 
 
