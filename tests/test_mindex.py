@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -122,6 +124,16 @@ async def test_the_thread_indexes_a_few_rows_once_the_oldest_has_waited(
         index.close()
     finally:
         await indexer.stop()
+
+
+async def test_the_index_thread_takes_only_cpu_time_nothing_else_wants(tmp_path: Path) -> None:
+    """SCHED_IDLE: a busy gateway's event loop and bulk child are never queued behind an index batch."""
+    db = tmp_path / "bosun.db"
+    async with _indexed(db, 10) as indexer:
+        thread = await asyncio.get_running_loop().run_in_executor(indexer._executor, threading.get_native_id)
+        assert os.sched_getscheduler(thread) == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the rest of the gateway keeps its own
+        assert indexer.indexed_to == 10
 
 
 def test_without_the_index_attached_the_table_is_read_alone(tmp_path: Path) -> None:
