@@ -97,6 +97,10 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
         pytest.skip("mosquitto is not installed (make test installs it): the baseline and ratios were not checked")
     for qos in ("qos0", "qos1"):
         assert results["relay"]["ratio"][qos]["rate"] > 0
+        # rounds alternate, so a slow phase of the machine falls on both brokers: gateway, Mosquitto, Mosquitto, gateway
+        starts = {broker: results["relay"][broker][qos]["round_started"] for broker in brokers}
+        order = [broker for _, broker in sorted((t, b) for b, times in starts.items() for t in times)]
+        assert order == ["gateway", "mosquitto", "mosquitto", "gateway"], (qos, starts)
 
 
 def test_the_relay_reports_its_median_round() -> None:

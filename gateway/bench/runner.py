@@ -164,16 +164,15 @@ async def run(settings: Settings, console: Console) -> dict[str, Any]:
         await _guarded(results, "gateway FULL", _gateway_phase(settings, tmp, "FULL", root, ui, results))
         if settings.normal_duration > 0:
             await _guarded(results, "gateway NORMAL", _gateway_phase(settings, tmp, "NORMAL", root, ui, results))
-        if not settings.skip_relay:
-            await _guarded(results, "gateway relay", _gateway_relay(settings, tmp, ui, results))
         if settings.skip_relay:
             results.data["notes"].append("relay skipped (--skip-relay)")
-        elif settings.skip_mosquitto:
-            results.data["notes"].append("Mosquitto skipped (--skip-mosquitto)")
-        elif mosquitto is None:
-            results.data["notes"].append("Mosquitto is not installed (make bench installs it): no baseline")
         else:
-            await _guarded(results, "mosquitto", _mosquitto_phase(settings, tmp, mosquitto, ui, results))
+            if settings.skip_mosquitto:
+                results.data["notes"].append("Mosquitto skipped (--skip-mosquitto)")
+            elif mosquitto is None:
+                results.data["notes"].append("Mosquitto is not installed (make bench installs it): no baseline")
+            baseline = None if settings.skip_mosquitto else mosquitto
+            await _guarded(results, "relay", _relay_phase(settings, tmp, baseline, ui, results))
         _ratios(results.data["relay"])
     return results.data
 
@@ -218,13 +217,82 @@ async def _gateway_phase(settings: Settings, tmp: Path, sync: str, root: str, ui
         await _stop(proc, sync, ui)
 
 
-async def _gateway_relay(settings: Settings, tmp: Path, ui: Ui, results: Results) -> None:
-    """A fresh gateway (its RSS with the idle clients means something), no devices: anonymous clients only."""
+@dataclass
+class _Relayed:
+    name: str
+    port: int
+    proc: procs.Proc
+    fleet: Fleet | None = None
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def _relay_phase(settings: Settings, tmp: Path, mosquitto: str | None, ui: Ui, results: Results) -> None:
+    """A fresh gateway (its RSS with the idle clients means something; no devices: anonymous clients only) and
+    Mosquitto relay side by side: both run with their idle clients connected, and their rounds alternate (the
+    gateway first in odd rounds, Mosquitto in even ones). A slow phase of the shared machine lasts tens of seconds:
+    measured one broker after the other, it could fall on one alone and decide the ratio."""
     async with AsyncExitStack() as stack:
         label = f"relay ({settings.relay_sync})"
-        proc, _ = await _start_gateway(stack, tmp, settings.relay_sync, settings, 0, ui, label)
-        await _relay_runs(settings, "gateway", proc.mqtt_port, proc, ui, results)
-        await _stop(proc, label, ui)
+        gateway, _ = await _start_gateway(stack, tmp, settings.relay_sync, settings, 0, ui, label)
+        brokers = [_Relayed("gateway", gateway.mqtt_port, gateway)]
+        if mosquitto is not None:
+            workdir = tmp / "mosquitto"
+            workdir.mkdir()
+            baseline = await procs.start_mosquitto(mosquitto, workdir)
+            stack.push_async_callback(baseline.stop)
+            brokers.append(_Relayed("mosquitto", baseline.port, baseline))
+        for broker in brokers:
+            broker.fleet = await _idle_fleet(settings, broker, ui, results)
+            stack.push_async_callback(broker.fleet.close)
+        for qos, messages in ((0, settings.relay_qos0), (1, settings.relay_qos1)):
+            plan = RelayPlan(qos, messages, settings.relay_inflight, settings.relay_deadline)
+            for broker in brokers:
+                broker.rounds = []
+            for index in range(1, settings.relay_rounds + 1):
+                for broker in brokers if index % 2 else brokers[::-1]:
+                    await _relay_round(settings, broker, plan, index, ui)
+            for broker in brokers:
+                results.data["relay"][broker.name][f"qos{qos}"] = _median_round(broker.rounds)
+        for broker in brokers:
+            assert broker.fleet is not None
+            await broker.fleet.close()
+        await _stop(gateway, label, ui)
+
+
+async def _idle_fleet(settings: Settings, broker: _Relayed, ui: Ui, results: Results) -> Fleet:
+    task, report = ui.phase(f"{broker.name}: idle clients")
+    fleet: Fleet = await connect_many(
+        HOST,
+        broker.port,
+        idle_clients(settings.idle, PREFIX),
+        progress=lambda done, ok, total: report(done / total, f"{ok}/{total} connected"),
+    )
+    fleet.start_pings()
+    rss = broker.proc.rss_bytes()
+    results.data["relay"][broker.name] = {
+        "idle_connected": len(fleet.conns),
+        "idle_failed": fleet.failed,
+        "idle_errors": fleet.errors,
+        "connect_s": round(fleet.connect_s, 3),
+        "rss_mb_idle": round(rss / 1e6, 1),
+    }
+    ui.done(task, f"{len(fleet.conns)}/{settings.idle} in {fleet.connect_s:.1f} s, RSS {rss / 1e6:.0f} MB")
+    return fleet
+
+
+async def _relay_round(settings: Settings, broker: _Relayed, plan: RelayPlan, index: int, ui: Ui) -> None:
+    name, qos = broker.name, plan.qos
+    task, report = ui.phase(f"{name}: relay QoS {qos}, round {index}/{settings.relay_rounds}")
+    started = time.time()
+    figures = await relay(broker.port, broker.proc, plan, PREFIX, f"{name}-q{qos}-r{index}", report)
+    figures["started"] = round(started, 3)
+    assert broker.fleet is not None
+    figures["idle_alive"] = broker.fleet.alive
+    broker.rounds.append(figures)
+    ui.done(task, _relay_line(figures))
+    proc = broker.proc
+    if not proc.alive:
+        raise RuntimeError(f"{name} exited with {proc.popen.returncode} during the relay:\n{proc.log_tail()}")
 
 
 async def _stop(proc: procs.Proc, name: str, ui: Ui) -> None:
@@ -264,53 +332,6 @@ async def _start_gateway(
     return proc, seeded
 
 
-async def _mosquitto_phase(settings: Settings, tmp: Path, binary: str, ui: Ui, results: Results) -> None:
-    async with AsyncExitStack() as stack:
-        workdir = tmp / "mosquitto"
-        workdir.mkdir()
-        proc = await procs.start_mosquitto(binary, workdir)
-        stack.push_async_callback(proc.stop)
-        await _relay_runs(settings, "mosquitto", proc.port, proc, ui, results)
-
-
-async def _relay_runs(settings: Settings, name: str, port: int, broker: procs.Proc, ui: Ui, results: Results) -> None:
-    task, report = ui.phase(f"{name}: idle clients")
-    fleet: Fleet = await connect_many(
-        HOST,
-        port,
-        idle_clients(settings.idle, PREFIX),
-        progress=lambda done, ok, total: report(done / total, f"{ok}/{total} connected"),
-    )
-    try:
-        fleet.start_pings()
-        rss = broker.rss_bytes()
-        out: dict[str, Any] = {
-            "idle_connected": len(fleet.conns),
-            "idle_failed": fleet.failed,
-            "idle_errors": fleet.errors,
-            "connect_s": round(fleet.connect_s, 3),
-            "rss_mb_idle": round(rss / 1e6, 1),
-        }
-        ui.done(task, f"{len(fleet.conns)}/{settings.idle} in {fleet.connect_s:.1f} s, RSS {rss / 1e6:.0f} MB")
-        results.data["relay"][name] = out
-        for qos, messages in ((0, settings.relay_qos0), (1, settings.relay_qos1)):
-            plan = RelayPlan(qos, messages, settings.relay_inflight, settings.relay_deadline)
-            rounds = []
-            for index in range(1, settings.relay_rounds + 1):
-                task, report = ui.phase(f"{name}: relay QoS {qos}, round {index}/{settings.relay_rounds}")
-                figures = await relay(port, broker, plan, PREFIX, f"{name}-q{qos}-r{index}", report)
-                figures["idle_alive"] = fleet.alive
-                rounds.append(figures)
-                ui.done(task, _relay_line(figures))
-                if not broker.alive:
-                    raise RuntimeError(
-                        f"{name} exited with {broker.popen.returncode} during the relay:\n{broker.log_tail()}"
-                    )
-            out[f"qos{qos}"] = _median_round(rounds)
-    finally:
-        await fleet.close()
-
-
 def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The round of median rate, with every round's rate beside it. A relay round lasts well under a second (30,000
     QoS 1 messages in ~0.3 s), so a moment's stall of the shared machine decides a single round: over 15 full runs
@@ -318,6 +339,7 @@ def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     ranked = sorted(rounds, key=lambda f: f["rate"])
     median = dict(ranked[(len(ranked) - 1) // 2])
     median["round_rates"] = [f["rate"] for f in rounds]
+    median["round_started"] = [f.get("started") for f in rounds]  # Unix time: the brokers' rounds interleave
     return median
 
 
