@@ -62,6 +62,11 @@ class Metrics:
         self.writer_queue = Gauge("bosun_writer_queue_depth", "Writes waiting for the writer", registry=r)
         self.ingest_queue = Gauge("bosun_ingest_queue_depth", "Messages waiting in session delivery queues", registry=r)
         self.devices_online = Gauge("bosun_devices_online", "Devices currently online", registry=r)
+        self.index_behind = Gauge(
+            "bosun_index_behind_rows",
+            "Measurements the per-device index has not reached yet (device queries read them from the table)",
+            registry=r,
+        )
         self.calls = Counter("bosun_calls", "Crew calls opened, by priority", ["priority"], registry=r)
         self.call_errors = Counter(
             "bosun_call_errors",

@@ -70,7 +70,7 @@ class Gateway:
         self.metrics = Metrics()
         self.hub = Hub(self.metrics)
         self.writer = Writer(cfg.db_path, cfg.store, self.metrics)
-        self.indexer = Indexer(cfg.db_path, self._drop_legacy_index)
+        self.indexer = Indexer(cfg.db_path, self._drop_legacy_index, self.metrics)
         self.reader = Reader(cfg.db_path)
         self.accounts = Accounts(self.reader)
         self.presence = Presence(cfg.presence, self.writer, self.hub, self.metrics)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import Running, make_config
 
+from gateway.metrics import Metrics
 from gateway.retention import used_bytes
 from gateway.runtime import Gateway
 from gateway.store import mindex, views
@@ -110,13 +111,15 @@ async def test_the_thread_indexes_a_few_rows_once_the_oldest_has_waited(
     monkeypatch.setattr(mindex, "_MAX_WAIT_S", 0.2)
     db = tmp_path / "bosun.db"
     _database(db, 10)
-    indexer = mindex.Indexer(db)
+    metrics = Metrics()
+    indexer = mindex.Indexer(db, metrics=metrics)
     await indexer.start()
     try:
         await asyncio.sleep(0.1)
         assert indexer.indexed_to == 0  # 10 rows are far below a batch: they wait
+        assert metrics.registry.get_sample_value("bosun_index_behind_rows") == 10  # and /metrics shows them
         deadline = time.monotonic() + 5
-        while indexer.indexed_to < 10:
+        while indexer.indexed_to < 10 or metrics.registry.get_sample_value("bosun_index_behind_rows") != 0:
             assert time.monotonic() < deadline, "never indexed"
             await asyncio.sleep(0.01)
         index = sqlite3.connect(indexer.path)

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.errors import StoreError
+from gateway.metrics import Metrics
 from gateway.store.schema import connect, used_pages_bytes
 
 __all__ = ["ALIAS", "Indexer", "attach", "index_path", "indexed_to", "is_attached"]
@@ -121,8 +122,14 @@ def _background_priority() -> None:
 class Indexer:
     """Keeps the index file up with the database's measurements; its work runs on a thread of its own."""
 
-    def __init__(self, db_path: Path, drop_legacy: Callable[[], Awaitable[object]] | None = None) -> None:
+    def __init__(
+        self,
+        db_path: Path,
+        drop_legacy: Callable[[], Awaitable[object]] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._db_path = db_path
+        self._metrics = metrics
         # the index the database itself had (schema migration 10) answers device queries until this one has caught
         # up; then `drop_legacy` (a writer op: only the writer writes the database) drops it
         self._drop_legacy = drop_legacy
@@ -194,12 +201,16 @@ class Indexer:
         while True:
             try:
                 behind = await loop.run_in_executor(self._executor, self._waiting)
+                if self._metrics is not None:
+                    self._metrics.index_behind.set(behind)
                 if behind and waiting_since is None:
                     waiting_since = loop.time()
                 caught_up = not behind
                 if behind >= _BATCH_MIN or (behind and loop.time() - (waiting_since or 0.0) >= _MAX_WAIT_S):
                     while await loop.run_in_executor(self._executor, self._step):
                         pass  # catching up
+                    if self._metrics is not None:
+                        self._metrics.index_behind.set(await loop.run_in_executor(self._executor, self._waiting))
                     waiting_since = None
                     caught_up = True  # every row there was when the last step began is in
                 if self._drop_legacy is not None and caught_up:
