@@ -103,6 +103,30 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
         assert order == ["gateway", "mosquitto", "mosquitto", "gateway"], (qos, starts)
 
 
+@pytest.mark.timeout(120)
+def test_a_mosquitto_that_cannot_start_leaves_the_gateway_relay_measured(tmp_path: Path) -> None:
+    """The brokers relay side by side; a baseline that fails is an error note, not a lost gateway relay."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    broken = bin_dir / "mosquitto"
+    broken.write_text("#!/bin/sh\necho 'mosquitto: cannot start here' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    out = tmp_path / "bench.json"
+    argv = [sys.executable, "-m", "gateway.bench", "--quick", "--relay-rounds", "1", "--normal-duration", "0"]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(
+        [*argv, "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90, check=False
+    )
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]  # 2: a phase failed
+    results = json.loads(out.read_text())
+    assert [e["phase"] for e in results["errors"]] == ["mosquitto"]
+    assert "exited with 3" in results["errors"][0]["error"]
+    for qos in ("qos0", "qos1"):
+        assert results["relay"]["gateway"][qos]["complete"], qos
+    assert "mosquitto" not in results["relay"] or not results["relay"]["mosquitto"]
+    assert results["relay"]["ratio"] == {}
+
+
 def test_the_relay_reports_its_median_round() -> None:
     rounds = [{"rate": rate, "round": i} for i, rate in enumerate((90_000.0, 40_000.0, 70_000.0))]
     median = _median_round(rounds)

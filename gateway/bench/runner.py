@@ -236,11 +236,15 @@ async def _relay_phase(settings: Settings, tmp: Path, mosquitto: str | None, ui:
         gateway, _ = await _start_gateway(stack, tmp, settings.relay_sync, settings, 0, ui, label)
         brokers = [_Relayed("gateway", gateway.mqtt_port, gateway)]
         if mosquitto is not None:
-            workdir = tmp / "mosquitto"
-            workdir.mkdir()
-            baseline = await procs.start_mosquitto(mosquitto, workdir)
-            stack.push_async_callback(baseline.stop)
-            brokers.append(_Relayed("mosquitto", baseline.port, baseline))
+            try:
+                workdir = tmp / "mosquitto"
+                workdir.mkdir()
+                baseline = await procs.start_mosquitto(mosquitto, workdir)
+            except (OSError, RuntimeError, TimeoutError) as exc:  # the gateway's relay is still measured
+                results.error("mosquitto", exc)
+            else:
+                stack.push_async_callback(baseline.stop)
+                brokers.append(_Relayed("mosquitto", baseline.port, baseline))
         for broker in brokers:
             broker.fleet = await _idle_fleet(settings, broker, ui, results)
             stack.push_async_callback(broker.fleet.close)
