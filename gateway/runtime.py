@@ -238,6 +238,11 @@ class Gateway:
                 "rows": self.writer.rows,
                 "last_batch": self.writer.last_batch,
             },
+            "index": {  # the measurements' per-device index (store.mindex)
+                "indexed_to": self.indexer.indexed_to,
+                "behind_rows": self.indexer.behind,
+                "used_bytes": self.indexer.used_bytes,
+            },
             "counters": {
                 "messages": self.metrics.counter_values(self.metrics.messages),
                 "drops": self.metrics.counter_values(self.metrics.drops),

@@ -146,6 +146,7 @@ async def test_health_metrics_and_offline_schema(gateway: Running) -> None:
         health = (await http.get("/healthz")).json()
         assert health["status"] == "ok"
         assert set(health["components"]) == {"store", "broker", "ingest", "calls", "api"}
+        assert health["index"]["behind_rows"] >= 0 and health["index"]["used_bytes"] > 0
         metrics = await http.get("/metrics")
         assert metrics.status_code == 200
         for name in (
@@ -154,6 +155,7 @@ async def test_health_metrics_and_offline_schema(gateway: Running) -> None:
             "bosun_writer_commit_seconds_bucket",
             "bosun_writer_queue_depth",
             "bosun_ingest_queue_depth",
+            "bosun_index_behind_rows",
         ):
             assert name in metrics.text, name
         schema = await http.get("/schema/openapi.json")

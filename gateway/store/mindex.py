@@ -140,6 +140,7 @@ class Indexer:
         self._conn: sqlite3.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self.indexed_to = 0
+        self.behind = 0  # rows the index had not reached at its last look (device queries read them from the table)
         self.used_bytes = 0  # pages in use in the index file: part of the disk budget (gateway/retention.py)
 
     async def start(self) -> None:
@@ -201,16 +202,14 @@ class Indexer:
         while True:
             try:
                 behind = await loop.run_in_executor(self._executor, self._waiting)
-                if self._metrics is not None:
-                    self._metrics.index_behind.set(behind)
+                self._show_behind(behind)
                 if behind and waiting_since is None:
                     waiting_since = loop.time()
                 caught_up = not behind
                 if behind >= _BATCH_MIN or (behind and loop.time() - (waiting_since or 0.0) >= _MAX_WAIT_S):
                     while await loop.run_in_executor(self._executor, self._step):
                         pass  # catching up
-                    if self._metrics is not None:
-                        self._metrics.index_behind.set(await loop.run_in_executor(self._executor, self._waiting))
+                    self._show_behind(await loop.run_in_executor(self._executor, self._waiting))
                     waiting_since = None
                     caught_up = True  # every row there was when the last step began is in
                 if self._drop_legacy is not None and caught_up:
@@ -224,6 +223,11 @@ class Indexer:
                     log.warning("measurements index: %s (device queries read the newest rows from the table)", exc)
                     failing = str(exc)
             await asyncio.sleep(_POLL_S)
+
+    def _show_behind(self, rows: int) -> None:
+        self.behind = rows
+        if self._metrics is not None:
+            self._metrics.index_behind.set(rows)
 
     def _waiting(self) -> int:
         """Rows (ids) the index has not reached yet."""
