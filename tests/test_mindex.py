@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -47,8 +47,7 @@ async def _indexed(db: Path, rows: int, devices: int = 20) -> AsyncIterator[mind
     indexer = mindex.Indexer(db)
     await indexer.start()
     try:
-        while indexer._step():
-            pass
+        await indexer.catch_up()
         yield indexer
     finally:
         await indexer.stop()
@@ -129,14 +128,37 @@ async def test_the_thread_indexes_a_few_rows_once_the_oldest_has_waited(
         await indexer.stop()
 
 
-async def test_the_index_thread_takes_only_cpu_time_nothing_else_wants(tmp_path: Path) -> None:
-    """SCHED_IDLE: a busy gateway's event loop and bulk child are never queued behind an index batch."""
+async def test_the_index_runs_in_a_process_that_takes_only_cpu_time_nothing_else_wants(tmp_path: Path) -> None:
+    """A process of its own (no GIL shared with the event loop) under SCHED_IDLE: a busy gateway's event loop and
+    bulk child are never queued behind an index batch."""
     db = tmp_path / "bosun.db"
     async with _indexed(db, 10) as indexer:
-        thread = await asyncio.get_running_loop().run_in_executor(indexer._executor, threading.get_native_id)
-        assert os.sched_getscheduler(thread) == os.SCHED_IDLE
+        assert indexer.pid is not None and indexer.pid != os.getpid()
+        assert os.sched_getscheduler(indexer.pid) == os.SCHED_IDLE
         assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the rest of the gateway keeps its own
         assert indexer.indexed_to == 10
+
+
+async def test_a_killed_index_process_is_started_again_and_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(mindex, "_POLL_S", 0.01)
+    monkeypatch.setattr(mindex, "_MAX_WAIT_S", 0.05)
+    db = tmp_path / "bosun.db"
+    async with _indexed(db, 100) as indexer:
+        first = indexer.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        conn = connect(db)
+        conn.executemany(_INSERT, [("d1", "temp", 5000.0 + i, float(i)) for i in range(50)])
+        conn.close()
+        deadline = time.monotonic() + 10
+        while indexer.indexed_to < 150:
+            assert time.monotonic() < deadline, f"stuck at {indexer.indexed_to}"
+            await asyncio.sleep(0.02)
+        assert indexer.pid != first
+        assert os.sched_getscheduler(indexer.pid) == os.SCHED_IDLE
+    assert "the index process exited with -9" in caplog.text
 
 
 def test_without_the_index_attached_the_table_is_read_alone(tmp_path: Path) -> None:
@@ -257,8 +279,7 @@ async def test_an_index_that_is_not_the_database_s_is_rebuilt(tmp_path: Path, ch
     again = mindex.Indexer(db)
     await again.start()
     try:
-        while again._step():
-            pass
+        await again.catch_up()
         index = sqlite3.connect(again.path)
         source = sqlite3.connect(db)
         want = source.execute("SELECT id, device_id, ts FROM measurements ORDER BY id").fetchall()
@@ -289,8 +310,7 @@ async def test_an_index_file_of_the_older_format_is_built_again_in_the_new_one(t
     await indexer.start()
     try:
         assert indexer.indexed_to == 0  # what the old file claimed does not count
-        while indexer._step():
-            pass
+        await indexer.catch_up()
         index = sqlite3.connect(indexer.path)
         assert index.execute("PRAGMA page_size").fetchone()[0] == 1024
         source = sqlite3.connect(db)
@@ -311,8 +331,7 @@ async def test_a_damaged_index_file_is_rebuilt_not_fatal(tmp_path: Path) -> None
     indexer = mindex.Indexer(db)
     await indexer.start()
     try:
-        while indexer._step():
-            pass
+        await indexer.catch_up()
         assert indexer.indexed_to == 100
     finally:
         await indexer.stop()

@@ -1,4 +1,4 @@
-"""The measurements' per-device index, in a file of its own beside the database, kept up by a thread.
+"""The measurements' per-device index, in a file of its own beside the database, kept up by a process of its own.
 
 Why not an index in the database: under steady telemetry every row lands on its own device's leaf of a
 (device_id, ts) index, so every COMMIT on the acknowledgement path wrote about one index page per message
@@ -22,16 +22,21 @@ import contextlib
 import logging
 import os
 import sqlite3
-import threading
+import struct
+import sys
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
 
 from gateway.errors import StoreError
-from gateway.metrics import Metrics
 from gateway.store.schema import connect, used_pages_bytes
 
-__all__ = ["ALIAS", "Indexer", "attach", "index_path", "indexed_to", "is_attached"]
+if TYPE_CHECKING:  # not imported at run time: the index process has no use for prometheus_client
+    from gateway.metrics import Metrics
+
+__all__ = ["ALIAS", "Index", "Indexer", "attach", "background_priority", "index_path", "indexed_to", "is_attached"]
 
 log = logging.getLogger(__name__)
 ALIAS = "mindex"
@@ -48,9 +53,8 @@ _POLL_S = 0.5
 _BATCH_MIN = 50_000
 _MAX_WAIT_S = 5.0
 _BATCH_MAX = 100_000  # rows per transaction while catching up (an existing database, a long stop)
-# Where SCHED_IDLE is refused (not Linux): added to the thread's nice value instead (Linux schedules threads one by
-# one). Two alternating pairs of 20 s runs at 20,000 msg/s FULL: PUBACK p99 155 and 174 ms at nice 10, 729 and 820 ms
-# without.
+# Where SCHED_IDLE is refused (not Linux): the index process's nice value instead. Two alternating pairs of 20 s runs at
+# 20,000 msg/s FULL, the index a thread then: PUBACK p99 155 and 174 ms at nice 10, 729 and 820 ms without.
 _NICE = 10
 # The file's write volume is what the index costs the acknowledgements: each batch rewrites every device's last leaf
 # (and splits it), twice (the WAL, then the checkpoint), and that burst of writes is what the bulk writer's fsync
@@ -65,6 +69,9 @@ _ENTRIES = (
     "PRIMARY KEY (dev, ts, id)) WITHOUT ROWID"
 )
 _STATE = "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value)"
+# Frames to and from the index process: a 4-byte big-endian length and a msgpack body (gateway/store/mindexproc.py).
+_LEN = struct.Struct("!I")
+_STOP_WAIT_S = 30.0  # a batch of `_BATCH_MAX` rows takes well under this
 
 
 def index_path(db_path: Path) -> Path:
@@ -103,50 +110,36 @@ def is_attached(conn: sqlite3.Connection) -> bool:
     return any(row[1] == ALIAS for row in conn.execute("PRAGMA database_list"))
 
 
-def _background_priority() -> None:
-    """The index is background work: on a busy gateway its thread yields the CPU to the acknowledgements (and falls
-    behind for a while, which only lengthens the range device queries read from the table).
+def background_priority() -> None:
+    """The index is background work: on a busy gateway its process yields the CPU to the acknowledgements (and
+    falls behind for a while, which only lengthens the range device queries read from the table).
 
-    SCHED_IDLE rather than a nice value: Linux then counts a CPU running only this thread as idle, so a woken event
-    loop or bulk child takes it at once instead of queueing behind another busy thread on the other CPU. Traced 30 s
-    runs at 10,000 msg/s FULL, five alternating pairs: the bulk groups' round trip (sent to the child, answer handled)
-    while a batch was being indexed had a p99 of 60, 33, 16, 36 and 26 ms under SCHED_IDLE against 108, 85, 55, 65
-    and 21 ms at nice 10 (outside batches 9-31 ms in both)."""
+    SCHED_IDLE rather than a nice value: Linux then counts a CPU running only the index as idle, so a woken event
+    loop or bulk child takes it at once instead of queueing behind another busy task on the other CPU. Traced 30 s
+    runs at 10,000 msg/s FULL, five alternating pairs (the index still a thread then): the bulk groups' round trip
+    (sent to the child, answer handled) while a batch was being indexed had a p99 of 60, 33, 16, 36 and 26 ms under
+    SCHED_IDLE against 108, 85, 55, 65 and 21 ms at nice 10 (outside batches 9-31 ms in both)."""
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
+            os.setpriority(os.PRIO_PROCESS, 0, _NICE)
 
 
-class Indexer:
-    """Keeps the index file up with the database's measurements; its work runs on a thread of its own."""
+class Index:
+    """The index file and its work, synchronous: what the gateway's index process (gateway/store/mindexproc.py)
+    runs on `Indexer`'s requests."""
 
-    def __init__(
-        self,
-        db_path: Path,
-        drop_legacy: Callable[[], Awaitable[object]] | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
+    def __init__(self, db_path: Path) -> None:
         self._db_path = db_path
-        self._metrics = metrics
-        # the index the database itself had (schema migration 10) answers device queries until this one has caught
-        # up; then `drop_legacy` (a writer op: only the writer writes the database) drops it
-        self._drop_legacy = drop_legacy
         self.path = index_path(db_path)
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="bosun-indexer", initializer=_background_priority
-        )
         self._conn: sqlite3.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
         self.indexed_to = 0
-        self.behind = 0  # rows the index had not reached at its last look (device queries read them from the table)
         self.used_bytes = 0  # pages in use in the index file: part of the disk budget (gateway/retention.py)
 
-    async def start(self) -> None:
-        """Create or check the file (before any reader attaches it), then index in the background."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_or_rebuild)
-        self._task = asyncio.create_task(self._run(), name="bosun-indexer")
+    def open(self) -> None:
+        """Create or check the file (before any reader attaches it)."""
+        self._open_or_rebuild()
 
     def _open_or_rebuild(self) -> None:
         try:
@@ -195,47 +188,13 @@ class Indexer:
         conn.execute("CREATE TEMP TABLE batch (device_id TEXT, ts REAL, id INTEGER)")
         self.indexed_to = indexed_to
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        waiting_since: float | None = None
-        failing = ""
-        while True:
-            try:
-                behind = await loop.run_in_executor(self._executor, self._waiting)
-                self._show_behind(behind)
-                if behind and waiting_since is None:
-                    waiting_since = loop.time()
-                caught_up = not behind
-                if behind >= _BATCH_MIN or (behind and loop.time() - (waiting_since or 0.0) >= _MAX_WAIT_S):
-                    while await loop.run_in_executor(self._executor, self._step):
-                        pass  # catching up
-                    self._show_behind(await loop.run_in_executor(self._executor, self._waiting))
-                    waiting_since = None
-                    caught_up = True  # every row there was when the last step began is in
-                if self._drop_legacy is not None and caught_up:
-                    await self._drop_legacy()
-                    self._drop_legacy = None
-                if failing:
-                    log.info("measurements index: working again")
-                    failing = ""
-            except (sqlite3.Error, StoreError) as exc:  # StoreError: the writer refused the legacy index's drop
-                if str(exc) != failing:  # once per distinct error, not every poll
-                    log.warning("measurements index: %s (device queries read the newest rows from the table)", exc)
-                    failing = str(exc)
-            await asyncio.sleep(_POLL_S)
-
-    def _show_behind(self, rows: int) -> None:
-        self.behind = rows
-        if self._metrics is not None:
-            self._metrics.index_behind.set(rows)
-
-    def _waiting(self) -> int:
+    def waiting(self) -> int:
         """Rows (ids) the index has not reached yet."""
         assert self._conn is not None
         top = self._conn.execute("SELECT coalesce(max(id), 0) FROM src.measurements").fetchone()[0]
         return max(0, int(top) - self.indexed_to)
 
-    def _step(self) -> bool:
+    def step(self) -> bool:
         """Index every row added since the last step (at most `_BATCH_MAX`); True while more are waiting."""
         conn = self._conn
         assert conn is not None
@@ -281,14 +240,10 @@ class Indexer:
         conn.execute("COMMIT")
         self.indexed_to = 0
 
-    async def purge(self, spans: list[tuple[str, float, float]], first: int, last: int) -> int:
+    def purge(self, spans: list[tuple[str, float, float]], first: int, last: int) -> int:
         """Drop the entries of measurements `first`..`last`, which retention deleted: `spans` gives each of their
         devices' (device_id, oldest ts, newest ts), so each device's entries are found by a range of the key.
-        The number dropped. Retention waits for this after each of its steps, so the disk budget counts what is
-        really left."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._purge, spans, first, last)
-
-    def _purge(self, spans: list[tuple[str, float, float]], first: int, last: int) -> int:
+        The number dropped."""
         conn = self._conn
         assert conn is not None
         conn.execute("BEGIN")
@@ -311,12 +266,150 @@ class Indexer:
         assert self._conn is not None
         self.used_bytes = used_pages_bytes(self._conn)
 
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class Indexer:
+    """Keeps the index file up with the database's measurements. The work runs in a process of its own
+    (gateway/store/mindexproc.py, under SCHED_IDLE): as a thread of the gateway, a batch's CPU shared the GIL with
+    the event loop, and a low-priority thread that holds or is handed the GIL stalls the loop until the kernel runs
+    it again."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        drop_legacy: Callable[[], Awaitable[object]] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._db_path = db_path
+        self._metrics = metrics
+        # the index the database itself had (schema migration 10) answers device queries until this one has caught
+        # up; then `drop_legacy` (a writer op: only the writer writes the database) drops it
+        self._drop_legacy = drop_legacy
+        self.path = index_path(db_path)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()  # one request at a time on the pipe
+        self._task: asyncio.Task[None] | None = None
+        self.indexed_to = 0
+        self.behind = 0  # rows the index had not reached at its last look (device queries read them from the table)
+        self.used_bytes = 0  # pages in use in the index file: part of the disk budget (gateway/retention.py)
+        self.pid: int | None = None
+
+    async def start(self) -> None:
+        """Start the index process, which creates or checks the file (before any reader attaches it), then index in
+        the background."""
+        await self._call("open")
+        self._task = asyncio.create_task(self._run(), name="bosun-indexer")
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.store.mindexproc",
+            str(self._db_path),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self.pid = proc.pid
+        return proc
+
+    async def _call(self, op: str, *args: Any) -> Any:
+        """One request to the index process (started again if it has exited: the file is opened again first)."""
+        async with self._lock:
+            proc = self._proc
+            if proc is None or proc.returncode is not None:
+                proc = self._proc = await self._spawn()
+                if op != "open":
+                    await self._request(proc, "open", ())
+            return await self._request(proc, op, args)
+
+    async def _request(self, proc: asyncio.subprocess.Process, op: str, args: tuple[Any, ...]) -> Any:
+        assert proc.stdin is not None and proc.stdout is not None
+        body = msgpack.packb([op, list(args)])
+        try:
+            proc.stdin.write(_LEN.pack(len(body)) + body)
+            await proc.stdin.drain()
+            head = await proc.stdout.readexactly(4)
+            error, result, indexed_to, used_bytes, notes = msgpack.unpackb(
+                await proc.stdout.readexactly(_LEN.unpack(head)[0])
+            )
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            code = await proc.wait()
+            raise StoreError(f"the index process exited with {code}") from exc
+        except asyncio.CancelledError:
+            # its answer would be read as the next request's: this process is done, the next call starts another
+            if proc.returncode is None:
+                proc.kill()
+            self._proc = None
+            raise
+        for level, message in notes:  # what the process logged, in the gateway's log
+            log.log(level, "%s", message)
+        self.indexed_to, self.used_bytes = indexed_to, used_bytes
+        if error is not None:
+            raise StoreError(error)
+        return result
+
+    async def catch_up(self) -> None:
+        """Index every row there is now."""
+        while await self._call("step"):
+            pass
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiting_since: float | None = None
+        failing = ""
+        while True:
+            try:
+                behind = await self._call("waiting")
+                self._show_behind(behind)
+                if behind and waiting_since is None:
+                    waiting_since = loop.time()
+                caught_up = not behind
+                if behind >= _BATCH_MIN or (behind and loop.time() - (waiting_since or 0.0) >= _MAX_WAIT_S):
+                    await self.catch_up()
+                    self._show_behind(await self._call("waiting"))
+                    waiting_since = None
+                    caught_up = True  # every row there was when the last step began is in
+                if self._drop_legacy is not None and caught_up:
+                    await self._drop_legacy()
+                    self._drop_legacy = None
+                if failing:
+                    log.info("measurements index: working again")
+                    failing = ""
+            except StoreError as exc:  # the index process's error, or the writer refused the legacy index's drop
+                if str(exc) != failing:  # once per distinct error, not every poll
+                    log.warning("measurements index: %s (device queries read the newest rows from the table)", exc)
+                    failing = str(exc)
+            await asyncio.sleep(_POLL_S)
+
+    def _show_behind(self, rows: int) -> None:
+        self.behind = rows
+        if self._metrics is not None:
+            self._metrics.index_behind.set(rows)
+
+    async def purge(self, spans: list[tuple[str, float, float]], first: int, last: int) -> int:
+        """Drop the entries of measurements `first`..`last`, which retention deleted (see `Index.purge`). Retention
+        waits for this after each of its steps, so the disk budget counts what is really left."""
+        dropped: int = await self._call("purge", spans, first, last)
+        return dropped
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
-        self._executor.shutdown(wait=True)
+        async with self._lock:
+            proc, self._proc = self._proc, None
+            if proc is None or proc.returncode is not None:
+                return
+            assert proc.stdin is not None
+            proc.stdin.close()  # the process closes the file and exits
+            try:
+                await asyncio.wait_for(proc.wait(), _STOP_WAIT_S)
+            except TimeoutError:
+                log.warning("the index process did not exit within %g s: killing it", _STOP_WAIT_S)
+                proc.kill()
+                await proc.wait()
