@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import msgpack
 
+from gateway.store.bulkproc import _read  # the bulk child's frames: the same length prefix
 from gateway.store.mindex import _LEN, Index, background_priority
 
 
@@ -31,11 +32,6 @@ class _Notes(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append((record.levelno, record.getMessage()))
-
-
-def _read(stream: BinaryIO, n: int) -> bytes | None:
-    data = stream.read(n)
-    return data if data and len(data) == n else None
 
 
 def serve(db_path: Path, stdin: BinaryIO, stdout: BinaryIO) -> None:
