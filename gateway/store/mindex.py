@@ -379,7 +379,7 @@ class Indexer:
                 if failing:
                     log.info("measurements index: working again")
                     failing = ""
-            except StoreError as exc:  # the index process's error, or the writer refused the legacy index's drop
+            except (sqlite3.Error, StoreError) as exc:  # the index process's error, or the legacy index's drop failed
                 if str(exc) != failing:  # once per distinct error, not every poll
                     log.warning("measurements index: %s (device queries read the newest rows from the table)", exc)
                     failing = str(exc)
