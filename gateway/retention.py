@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from gateway.config import StoreSection, UplinkSection
 from gateway.metrics import Metrics
 from gateway.store import mindex
+from gateway.store.indexer import Indexer
 from gateway.store.records import LANE_STATE, LANE_TELEMETRY, loss
 from gateway.store.schema import used_pages_bytes
 from gateway.store.writer import Writer
@@ -57,7 +58,7 @@ class Retention:
         metrics: Metrics,
         uplink: UplinkSection | None = None,
         in_flight: Callable[[str], int] = lambda lane: 0,
-        index: mindex.Indexer | None = None,
+        index: Indexer | None = None,
     ) -> None:
         self._index = index
         self._cfg = cfg

@@ -32,7 +32,7 @@ from gateway.metrics import Metrics
 from gateway.presence import Presence
 from gateway.retention import Retention, used_bytes
 from gateway.store import registry
-from gateway.store.mindex import Indexer
+from gateway.store.indexer import Indexer
 from gateway.store.reader import Reader
 from gateway.store.schema import LEGACY_INDEX
 from gateway.store.writer import Writer

@@ -21,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.retention import used_bytes
 from gateway.runtime import Gateway
 from gateway.store import mindex, views
+from gateway.store.indexer import Indexer
 from gateway.store.schema import LEGACY_INDEX, connect, migrate
 
 _INSERT = "INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)"
@@ -41,10 +42,10 @@ def _database(path: Path, rows: int, devices: int = 20, start: float = 1000.0) -
 
 
 @contextlib.asynccontextmanager
-async def _indexed(db: Path, rows: int, devices: int = 20) -> AsyncIterator[mindex.Indexer]:
+async def _indexed(db: Path, rows: int, devices: int = 20) -> AsyncIterator[Indexer]:
     """A database of `rows` measurements and its index, caught up."""
     _database(db, rows, devices)
-    indexer = mindex.Indexer(db)
+    indexer = Indexer(db)
     await indexer.start()
     try:
         await indexer.catch_up()
@@ -106,12 +107,12 @@ async def test_the_thread_indexes_a_few_rows_once_the_oldest_has_waited(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Below a batch's worth of rows, the index still catches up within `_MAX_WAIT_S` (shortened here)."""
-    monkeypatch.setattr(mindex, "_POLL_S", 0.01)
-    monkeypatch.setattr(mindex, "_MAX_WAIT_S", 0.2)
+    monkeypatch.setattr("gateway.store.indexer._POLL_S", 0.01)
+    monkeypatch.setattr("gateway.store.indexer._MAX_WAIT_S", 0.2)
     db = tmp_path / "bosun.db"
     _database(db, 10)
     metrics = Metrics()
-    indexer = mindex.Indexer(db, metrics=metrics)
+    indexer = Indexer(db, metrics=metrics)
     await indexer.start()
     try:
         await asyncio.sleep(0.1)
@@ -142,8 +143,8 @@ async def test_the_index_runs_in_a_process_that_takes_only_cpu_time_nothing_else
 async def test_a_killed_index_process_is_started_again_and_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(mindex, "_POLL_S", 0.01)
-    monkeypatch.setattr(mindex, "_MAX_WAIT_S", 0.05)
+    monkeypatch.setattr("gateway.store.indexer._POLL_S", 0.01)
+    monkeypatch.setattr("gateway.store.indexer._MAX_WAIT_S", 0.05)
     db = tmp_path / "bosun.db"
     async with _indexed(db, 100) as indexer:
         first = indexer.pid
@@ -175,9 +176,8 @@ async def test_the_database_s_own_index_is_dropped_once_the_file_has_caught_up(
 ) -> None:
     """Until then it answers device queries (an upgraded site's history); afterwards inserting a measurement is one
     append."""
-    monkeypatch.setattr(mindex, "_POLL_S", 0.01)
-    monkeypatch.setattr(mindex, "_MAX_WAIT_S", 0.1)
-    monkeypatch.setattr(mindex, "_BATCH_MAX", 1000)
+    monkeypatch.setattr("gateway.store.indexer._POLL_S", 0.01)
+    monkeypatch.setattr("gateway.store.indexer._MAX_WAIT_S", 0.1)
     db = tmp_path / "bosun.db"
     _database(db, 5000)
     seen: list[int] = []
@@ -188,14 +188,14 @@ async def test_the_database_s_own_index_is_dropped_once_the_file_has_caught_up(
         writer.execute(f"DROP INDEX {LEGACY_INDEX}")
 
     assert [row[1] for row in writer.execute("PRAGMA index_list(measurements)")] == [LEGACY_INDEX]
-    indexer = mindex.Indexer(db, drop)
+    indexer = Indexer(db, drop)
     await indexer.start()
     try:
         deadline = time.monotonic() + 5
         while not seen:
             assert time.monotonic() < deadline, "never dropped"
             await asyncio.sleep(0.01)
-        assert seen == [5000]  # only after catching up, in steps of 1,000
+        assert seen == [5000]  # only after catching up
         assert writer.execute("PRAGMA index_list(measurements)").fetchall() == []
     finally:
         await indexer.stop()
@@ -276,7 +276,7 @@ async def test_an_index_that_is_not_the_database_s_is_rebuilt(tmp_path: Path, ch
     index.commit()
     index.close()
     _change(db, indexer.path, change)
-    again = mindex.Indexer(db)
+    again = Indexer(db)
     await again.start()
     try:
         await again.catch_up()
@@ -306,7 +306,7 @@ async def test_an_index_file_of_the_older_format_is_built_again_in_the_new_one(t
     )
     old.execute("INSERT INTO mi SELECT device_id, ts, id FROM (SELECT 'd1' AS device_id, 1.0 AS ts, 1 AS id)")
     old.close()
-    indexer = mindex.Indexer(db)
+    indexer = Indexer(db)
     await indexer.start()
     try:
         assert indexer.indexed_to == 0  # what the old file claimed does not count
@@ -328,7 +328,7 @@ async def test_a_damaged_index_file_is_rebuilt_not_fatal(tmp_path: Path) -> None
     db = tmp_path / "bosun.db"
     _database(db, 100)
     mindex.index_path(db).write_bytes(b"this is not a database" * 100)
-    indexer = mindex.Indexer(db)
+    indexer = Indexer(db)
     await indexer.start()
     try:
         await indexer.catch_up()
@@ -340,7 +340,7 @@ async def test_a_damaged_index_file_is_rebuilt_not_fatal(tmp_path: Path) -> None
 async def test_retention_purges_the_entries_of_what_it_deletes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The index keeps exactly the rows the database keeps. HQ has every row, and
     still the newest stays: its id keeps the sequence going (an emptied table would hand out ids again)."""
-    monkeypatch.setattr(mindex, "_POLL_S", 0.01)
+    monkeypatch.setattr("gateway.store.indexer._POLL_S", 0.01)
     gw = Gateway(make_config(tmp_path / "var", **{"store.max_db_mb": 1}))
     await gw.start()
     try:

@@ -17,31 +17,20 @@ of the table's own key).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import sqlite3
 import struct
-import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import msgpack
-
-from gateway.errors import StoreError
 from gateway.store.schema import connect, used_pages_bytes
 
-if TYPE_CHECKING:  # not imported at run time: the index process has no use for prometheus_client
-    from gateway.metrics import Metrics
-
-__all__ = ["ALIAS", "Index", "Indexer", "attach", "background_priority", "index_path", "indexed_to", "is_attached"]
+__all__ = ["ALIAS", "Index", "attach", "background_priority", "index_path", "indexed_to", "is_attached"]
 
 log = logging.getLogger(__name__)
 ALIAS = "mindex"
 _FORMAT = "3"  # of the file's tables and pages: a file of another format is deleted and built again
-_POLL_S = 0.5
 # Rows are indexed in batches of at least `_BATCH_MIN`, or whatever waits once the oldest has waited `_MAX_WAIT_S`.
 # A batch touches each device's leaf once, whatever the number of its rows, so larger batches cost less per row.
 # Modelled at 10,000 rows/s over 1,000 devices, 400,000 rows in: 17 us per row in batches of 5,000 (every 0.5 s),
@@ -71,7 +60,6 @@ _ENTRIES = (
 _STATE = "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value)"
 # Frames to and from the index process: a 4-byte big-endian length and a msgpack body (gateway/store/mindexproc.py).
 _LEN = struct.Struct("!I")
-_STOP_WAIT_S = 30.0  # a batch of `_BATCH_MAX` rows takes well under this
 
 
 def index_path(db_path: Path) -> Path:
@@ -270,146 +258,3 @@ class Index:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
-
-
-class Indexer:
-    """Keeps the index file up with the database's measurements. The work runs in a process of its own
-    (gateway/store/mindexproc.py, under SCHED_IDLE): as a thread of the gateway, a batch's CPU shared the GIL with
-    the event loop, and a low-priority thread that holds or is handed the GIL stalls the loop until the kernel runs
-    it again."""
-
-    def __init__(
-        self,
-        db_path: Path,
-        drop_legacy: Callable[[], Awaitable[object]] | None = None,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self._db_path = db_path
-        self._metrics = metrics
-        # the index the database itself had (schema migration 10) answers device queries until this one has caught
-        # up; then `drop_legacy` (a writer op: only the writer writes the database) drops it
-        self._drop_legacy = drop_legacy
-        self.path = index_path(db_path)
-        self._proc: asyncio.subprocess.Process | None = None
-        self._lock = asyncio.Lock()  # one request at a time on the pipe
-        self._task: asyncio.Task[None] | None = None
-        self.indexed_to = 0
-        self.behind = 0  # rows the index had not reached at its last look (device queries read them from the table)
-        self.used_bytes = 0  # pages in use in the index file: part of the disk budget (gateway/retention.py)
-        self.pid: int | None = None
-
-    async def start(self) -> None:
-        """Start the index process, which creates or checks the file (before any reader attaches it), then index in
-        the background."""
-        await self._call("open")
-        self._task = asyncio.create_task(self._run(), name="bosun-indexer")
-
-    async def _spawn(self) -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway.store.mindexproc",
-            str(self._db_path),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        self.pid = proc.pid
-        return proc
-
-    async def _call(self, op: str, *args: Any) -> Any:
-        """One request to the index process (started again if it has exited: the file is opened again first)."""
-        async with self._lock:
-            proc = self._proc
-            if proc is None or proc.returncode is not None:
-                proc = self._proc = await self._spawn()
-                if op != "open":
-                    await self._request(proc, "open", ())
-            return await self._request(proc, op, args)
-
-    async def _request(self, proc: asyncio.subprocess.Process, op: str, args: tuple[Any, ...]) -> Any:
-        assert proc.stdin is not None and proc.stdout is not None
-        body = msgpack.packb([op, list(args)])
-        try:
-            proc.stdin.write(_LEN.pack(len(body)) + body)
-            await proc.stdin.drain()
-            head = await proc.stdout.readexactly(4)
-            error, result, indexed_to, used_bytes, notes = msgpack.unpackb(
-                await proc.stdout.readexactly(_LEN.unpack(head)[0])
-            )
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            code = await proc.wait()
-            raise StoreError(f"the index process exited with {code}") from exc
-        except asyncio.CancelledError:
-            # its answer would be read as the next request's: this process is done, the next call starts another
-            if proc.returncode is None:
-                proc.kill()
-            self._proc = None
-            raise
-        for level, message in notes:  # what the process logged, in the gateway's log
-            log.log(level, "%s", message)
-        self.indexed_to, self.used_bytes = indexed_to, used_bytes
-        if error is not None:
-            raise StoreError(error)
-        return result
-
-    async def catch_up(self) -> None:
-        """Index every row there is now."""
-        while await self._call("step"):
-            pass
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        waiting_since: float | None = None
-        failing = ""
-        while True:
-            try:
-                behind = await self._call("waiting")
-                self._show_behind(behind)
-                if behind and waiting_since is None:
-                    waiting_since = loop.time()
-                caught_up = not behind
-                if behind >= _BATCH_MIN or (behind and loop.time() - (waiting_since or 0.0) >= _MAX_WAIT_S):
-                    await self.catch_up()
-                    self._show_behind(await self._call("waiting"))
-                    waiting_since = None
-                    caught_up = True  # every row there was when the last step began is in
-                if self._drop_legacy is not None and caught_up:
-                    await self._drop_legacy()
-                    self._drop_legacy = None
-                if failing:
-                    log.info("measurements index: working again")
-                    failing = ""
-            except (sqlite3.Error, StoreError) as exc:  # the index process's error, or the legacy index's drop failed
-                if str(exc) != failing:  # once per distinct error, not every poll
-                    log.warning("measurements index: %s (device queries read the newest rows from the table)", exc)
-                    failing = str(exc)
-            await asyncio.sleep(_POLL_S)
-
-    def _show_behind(self, rows: int) -> None:
-        self.behind = rows
-        if self._metrics is not None:
-            self._metrics.index_behind.set(rows)
-
-    async def purge(self, spans: list[tuple[str, float, float]], first: int, last: int) -> int:
-        """Drop the entries of measurements `first`..`last`, which retention deleted (see `Index.purge`). Retention
-        waits for this after each of its steps, so the disk budget counts what is really left."""
-        dropped: int = await self._call("purge", spans, first, last)
-        return dropped
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        async with self._lock:
-            proc, self._proc = self._proc, None
-            if proc is None or proc.returncode is not None:
-                return
-            assert proc.stdin is not None
-            proc.stdin.close()  # the process closes the file and exits
-            try:
-                await asyncio.wait_for(proc.wait(), _STOP_WAIT_S)
-            except TimeoutError:
-                log.warning("the index process did not exit within %g s: killing it", _STOP_WAIT_S)
-                proc.kill()
-                await proc.wait()
