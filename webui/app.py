@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.static_files import create_static_files_router
 
 from gateway import __version__
+from gateway.webapp import App
 from webui.auth import guard
 from webui.errors import handlers
 from webui.limits import LoginLimiter
@@ -30,8 +30,8 @@ from webui.routes.uplink import uplink_status
 __all__ = ["create_app"]
 
 
-def create_app(gateway: Any) -> Litestar:
-    return Litestar(
+def create_app(gateway: Any) -> App:
+    return App(
         route_handlers=[
             healthz,
             metrics,

@@ -14,7 +14,7 @@ import json
 import sqlite3
 from typing import Annotated, Any
 
-from litestar import Litestar, MediaType, Request, Response, get, post
+from litestar import MediaType, Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, NotAuthorizedException
@@ -27,6 +27,7 @@ from gateway import __version__
 from gateway.hq import db
 from gateway.hq.store import HqStore, WrongGateway
 from gateway.uplink.batch import BatchError
+from gateway.webapp import App
 
 __all__ = ["create_hq_app"]
 
@@ -200,8 +201,8 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
 
-def create_hq_app(store: HqStore, max_batch_bytes: int) -> Litestar:
-    return Litestar(
+def create_hq_app(store: HqStore, max_batch_bytes: int) -> App:
+    return App(
         route_handlers=[
             ingest,
             list_gateways,
