@@ -59,6 +59,11 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     machine = results["machine"]
     assert machine["cpus"] >= 1 and machine["python"].startswith("3.11")
     assert machine["amqtt"] == "0.12.1"
+    # the host's speed before each phase, beside the figures it moves
+    phases = [p["phase"] for p in results["cpu_probes"]]
+    assert phases[0] == "start" and phases[-1] == "end" and "relay" in phases, phases
+    assert any(p.startswith("FULL ") for p in phases) and any(p.startswith("NORMAL ") for p in phases), phases
+    assert all(p["ms"] > 0 for p in results["cpu_probes"])
 
     runs = {r["synchronous"]: r for r in results["durable"]}
     assert set(runs) == {"FULL", "NORMAL"}

@@ -337,6 +337,15 @@ def render(results: dict[str, Any], console: Console) -> None:
             style="dim",
         )
     ]
+    probes = results.get("cpu_probes", [])
+    if probes:
+        parts.append(
+            Text(
+                "host CPU probe (the same loop before each phase; lower is faster, slow phases move every latency): "
+                + ", ".join(f"{p['phase']} {p['ms']:.0f} ms" for p in probes),
+                style="dim",
+            )
+        )
     for sync, c in results.get("connect", {}).items():
         parts.append(
             Text(

@@ -100,11 +100,30 @@ class Results:
                 "relay": {"gateway": {}, "mosquitto": {}, "ratio": {}},
                 "errors": [],
                 "notes": [],
+                "cpu_probes": [],
             }
         )
 
+    def probe(self, phase: str) -> None:
+        self.data["cpu_probes"].append({"phase": phase, "ms": cpu_probe_ms()})
+
     def error(self, phase: str, exc: BaseException) -> None:
         self.data["errors"].append({"phase": phase, "error": f"{type(exc).__name__}: {exc}".rstrip(": ")})
+
+
+# A fixed pure-Python loop, timed before each phase: the host's speed at that moment. On the shared virtual machine
+# the figures are measured on, the same loop took from 135 to 250 ms within an hour (2026-11-23), with nothing
+# else running, and every latency figure moved with it; the report shows the probes beside the figures.
+_PROBE_LOOPS = 1_000_000
+
+
+def cpu_probe_ms() -> float:
+    """Milliseconds for `_PROBE_LOOPS` iterations of a small arithmetic loop in this process (lower is faster)."""
+    started = time.perf_counter()
+    x = 0
+    for i in range(_PROBE_LOOPS):
+        x += i * i % 7
+    return round((time.perf_counter() - started) * 1000, 1)
 
 
 def machine_info(mosquitto: str | None) -> dict[str, Any]:
@@ -149,6 +168,7 @@ async def run(settings: Settings, console: Console) -> dict[str, Any]:
     results.data["settings"]["gateway_env"] = gateway_overrides(settings)
     mosquitto = procs.mosquitto_binary()
     results.data["machine"] = machine_info(mosquitto)
+    results.probe("start")
     columns = (
         TextColumn("[bold]{task.description:<24}"),
         BarColumn(bar_width=30),
@@ -172,8 +192,10 @@ async def run(settings: Settings, console: Console) -> dict[str, Any]:
             elif mosquitto is None:
                 results.data["notes"].append("Mosquitto is not installed (make bench installs it): no baseline")
             baseline = None if settings.skip_mosquitto else mosquitto
+            results.probe("relay")
             await _guarded(results, "relay", _relay_phase(settings, tmp, baseline, ui, results))
         _ratios(results.data["relay"])
+    results.probe("end")
     return results.data
 
 
@@ -200,6 +222,7 @@ async def _gateway_phase(settings: Settings, tmp: Path, sync: str, root: str, ui
             ui.done(task, f"{connect['connected']}/{connect['devices']} in {connect['connect_s']:.1f} s")
             for rate in rates:
                 plan = DurablePlan(rate, settings.warmup, window, settings.qos, settings.inflight, settings.probe_rate)
+                results.probe(f"{sync} {rate:,.0f} msg/s")
                 task, report = ui.phase(f"{sync}: {rate:,.0f} msg/s")
                 figures = {"synchronous": sync, **await session.run(plan, report)}
                 results.data["durable"].append(figures)
