@@ -66,6 +66,7 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     assert all(p["ms"] > 0 for p in results["cpu_probes"])
 
     runs = {r["synchronous"]: r for r in results["durable"]}
+    assert all(isinstance(r["index_behind_rows"], int) for r in runs.values()), runs
     assert set(runs) == {"FULL", "NORMAL"}
     for sync, run in runs.items():
         assert run["devices"] == 20 and run["devices_alive_at_end"] == 20, sync

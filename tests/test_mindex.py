@@ -129,6 +129,52 @@ async def test_the_thread_indexes_a_few_rows_once_the_oldest_has_waited(
         await indexer.stop()
 
 
+async def _arriving(db: Path, rows: int, per_tick: int = 100) -> None:
+    """`rows` more measurements, `per_tick` every 10 ms (about 10,000 rows/s)."""
+    conn = connect(db)
+    try:
+        for done in range(0, rows, per_tick):
+            conn.execute("BEGIN")
+            conn.executemany(_INSERT, [(f"d{i % 20}", "temp", 5000.0 + done + i, i) for i in range(per_tick)])
+            conn.execute("COMMIT")
+            await asyncio.sleep(0.01)
+    finally:
+        conn.close()
+
+
+async def test_the_index_waits_while_rows_pour_in_and_catches_up_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst (thresholds shortened here) leaves the acknowledgements the CPU; the rows are indexed once it is over."""
+    monkeypatch.setattr("gateway.store.indexer._POLL_S", 0.02)
+    monkeypatch.setattr("gateway.store.indexer._MAX_WAIT_S", 0.05)
+    monkeypatch.setattr("gateway.store.indexer._BUSY_ROWS_S", 1000)
+    monkeypatch.setattr("gateway.store.indexer.DEFER_MAX_ROWS", 100_000)
+    db = tmp_path / "bosun.db"
+    async with _indexed(db, 100) as indexer:  # the first 100 rows are in
+        assert indexer.indexed_to == 100
+        await _arriving(db, 3000)
+        assert indexer.indexed_to == 100, "indexed during the burst"
+        deadline = time.monotonic() + 5
+        while indexer.indexed_to < 3100:
+            assert time.monotonic() < deadline, "never caught up after the burst"
+            await asyncio.sleep(0.01)
+
+
+async def test_a_long_burst_is_indexed_once_it_is_too_far_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`_DEFER_MAX_ROWS` bounds what device queries read from the table itself, however long the burst."""
+    monkeypatch.setattr("gateway.store.indexer._POLL_S", 0.02)
+    monkeypatch.setattr("gateway.store.indexer._MAX_WAIT_S", 0.05)
+    monkeypatch.setattr("gateway.store.indexer._BUSY_ROWS_S", 1000)
+    monkeypatch.setattr("gateway.store.indexer.DEFER_MAX_ROWS", 1000)
+    db = tmp_path / "bosun.db"
+    async with _indexed(db, 100) as indexer:
+        await _arriving(db, 4000)
+        assert indexer.indexed_to > 1100, "the bound did not hold during the burst"
+
+
 async def test_the_index_runs_in_a_process_that_takes_only_cpu_time_nothing_else_wants(tmp_path: Path) -> None:
     """A process of its own (no GIL shared with the event loop) under SCHED_IDLE: a busy gateway's event loop and
     bulk child are never queued behind an index batch."""

@@ -12,6 +12,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from gateway.store.indexer import DEFER_MAX_ROWS
+
 __all__ = ["evaluate", "render", "write_json"]
 
 FULL_DEVICES = 1000
@@ -356,6 +358,19 @@ def render(results: dict[str, Any], console: Console) -> None:
     runs = results.get("durable", [])
     if runs:
         parts.append(_durable_table(runs))
+        behind = [
+            f"{r['synchronous']} {r['rate']:,.0f} msg/s {r['index_behind_rows']:,}"
+            for r in runs
+            if r.get("index_behind_rows") is not None
+        ]
+        if behind:
+            parts.append(
+                Text(
+                    "rows the measurements index had not reached when the window ended (it waits while rows pour in, "
+                    f"up to {DEFER_MAX_ROWS:,} behind, and catches up after): " + ", ".join(behind),
+                    style="dim",
+                )
+            )
     chart = _chart(runs)
     if chart is not None:
         parts.append(chart)

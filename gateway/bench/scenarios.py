@@ -177,8 +177,21 @@ class DurableSession:
             prober.cancel()
             caller.cancel()
             await asyncio.gather(sender, prober, caller, return_exceptions=True)
+        index_behind = await self._index_behind()  # before the drain: the state the window ended in
         unacked = await self._drain(plan.drain, report)
-        return self._figures(plan, before, after, timeline, rss_peak, unacked, lag)
+        figures = self._figures(plan, before, after, timeline, rss_peak, unacked, lag)
+        figures["index_behind_rows"] = index_behind
+        return figures
+
+    async def _index_behind(self) -> int | None:
+        """Rows the measurements index had not reached at the end of the window (/healthz): it waits through
+        bursts (gateway/store/indexer.py), so a short window may not include its work."""
+        try:
+            response = await self.http.get("/healthz")
+            behind = response.json()["index"]["behind_rows"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+        return int(behind)
 
     def _connected(self) -> list[Device]:
         """The seeded devices whose connection succeeded, in the fleet's order."""
