@@ -414,3 +414,31 @@ async def test_retention_purges_the_entries_of_what_it_deletes(tmp_path: Path, m
         assert indexed == kept
     finally:
         await gw.stop()
+
+
+def test_rows_are_synced_to_disk_before_the_index_counts_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writers sync a commit just after other connections can read it (gateway/store/walsync.py): the index
+    syncs the WAL after reading a batch and before recording it, so a power cut cannot leave it counting rows the
+    database lost."""
+    db = tmp_path / "bosun.db"
+    _database(db, 500)
+    writer = connect(db)  # keeps the WAL in place, as the gateway's own connections do
+    writer.execute("INSERT INTO measurements(device_id, metric, ts, value) VALUES ('d0', 't', 1.0, 1.0)")
+    index = mindex.Index(db)
+    synced: list[tuple[str, int]] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append((str(Path(f"/proc/self/fd/{fd}").readlink()), index.indexed_to))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    try:
+        index.open()
+        while index.step():
+            pass
+        assert index.indexed_to == 501
+        assert (f"{db}-wal", 0) in synced  # synced while the batch was read and not yet recorded
+    finally:
+        index.close()
+        writer.close()

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -405,5 +407,37 @@ async def test_a_second_box_under_the_same_gateway_id_is_stopped_with_a_clear_er
         await until(lambda: second.uplink.lanes["priority"].stopped, 10, "the second box's lane to stop")
         assert "409" in (second.uplink.lanes["priority"].stopped or "")
         assert "another database" in (second.health()["uplink"]["last_error"] or "")
+    finally:
+        hq.stop()
+
+
+async def test_a_batch_is_on_disk_before_it_is_sent(
+    tmp_path: Path, started: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writers sync a commit just after other connections can read it (gateway/store/walsync.py), so the uplink
+    syncs the WAL after reading a batch and before sending it: HQ never holds a record a power cut could take from
+    the gateway."""
+    hq = Hq(tmp_path / "hq", free_port())
+    token = hq.add_gateway("gw-test")
+    hq.start()
+    try:
+        at_sync: list[int] = []
+        real = os.fdatasync
+
+        def fdatasync(fd: int) -> None:
+            name = str(Path(f"/proc/self/fd/{fd}").readlink())
+            if name.endswith("bosun.db-wal") and threading.current_thread().name.startswith("bosun-uplink-reader"):
+                at_sync.append(hq_rows(hq, "SELECT count(*) FROM records")[0][0])
+            real(fd)
+
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        gw: Gateway = await started(tmp_path / "var", **{"uplink.url": hq.url, "uplink.token": token})
+        await gw.writer.run(lambda c: fill(c, 1, 200))
+
+        async def arrived() -> bool:
+            return await hq_count(hq, "gw-test", "priority") >= 8
+
+        await until(arrived, 30, "the calls at HQ")
+        assert at_sync and at_sync[0] == 0  # the first batch read was synced before HQ had any of it
     finally:
         hq.stop()

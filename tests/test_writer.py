@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
+import os
 import sqlite3
+import struct
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
 
 from gateway.config import StoreSection
 from gateway.metrics import Metrics
+from gateway.store import bulkproc
 from gateway.store import writer as writer_module
 from gateway.store.bulk import _GROUP_ROWS, BulkWriter, Hold
+from gateway.store.walsync import WalSync
 from gateway.store.writer import Writer
 
+_FRAME = struct.Struct("!I")
 _INSERT = "INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)"
 
 
@@ -219,7 +227,7 @@ async def test_the_checkpoint_thread_flushes_the_database_and_closes_its_descrip
             if flushed:
                 break
             await asyncio.sleep(0.05)
-        assert flushed and set(flushed) == {str(db)}
+        assert str(db) in flushed and set(flushed) <= {str(db), f"{db}-wal"}  # the WAL: the writers' own syncs
     finally:
         await writer.stop()
     assert str(db) not in _open_paths()
@@ -249,3 +257,145 @@ def test_a_new_gateway_database_has_small_pages_and_an_existing_one_keeps_its_ow
     assert page_size(writer_module.connect(tmp_path / "old.db")) == 4096
 
     assert page_size(connect_hq(tmp_path / "hq.db")) == 4096
+
+
+def _lock_is_free(path: Path) -> bool:
+    """Whether another connection could take the write lock right now (SQLite's own connection: closing it cannot
+    drop the locks of the others in this process)."""
+    probe = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        probe.close()
+
+
+def _record_syncs(monkeypatch: pytest.MonkeyPatch, db: Path, note: Callable[[], Any]) -> list[tuple[str, bool, Any]]:
+    """os.fdatasync, recorded: the file, whether the write lock was free meanwhile, and `note()` at that moment."""
+    synced: list[tuple[str, bool, Any]] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        name = str(Path(f"/proc/self/fd/{fd}").readlink())
+        synced.append((name, _lock_is_free(db) if name == f"{db}-wal" else False, note()))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    return synced
+
+
+async def test_with_synchronous_full_an_op_is_synced_after_the_lock_is_released_and_before_it_resolves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """store.walsync: the writer thread commits without syncing under the write lock (the bulk child waits for that
+    lock), then syncs the WAL itself; the op's future resolves only after that sync."""
+    monkeypatch.setattr(writer_module, "_CHECKPOINT_S", 3600.0)  # only the writer's own syncs
+    db = tmp_path / "bosun.db"
+    writer, _ = await _writer(tmp_path)
+    assert writer._cfg.synchronous == "FULL"
+    pending: list[asyncio.Future[Any]] = []
+    try:
+        synced = _record_syncs(monkeypatch, db, lambda: [f.done() for f in pending])
+        future = await writer.enqueue(lambda conn: conn.execute(_INSERT, ("d1", "t", 1.0, 1.0)).rowcount)
+        pending.append(future)
+        assert await future == 1
+        wal = [entry for entry in synced if entry[0] == f"{db}-wal"]
+        assert wal, synced
+        assert all(free for _, free, _ in wal)  # the lock was free while the WAL was synced
+        assert wal[-1][2] == [False]  # and the op had not resolved yet
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # a plain connection still gets FULL
+    finally:
+        await writer.stop()
+
+
+def test_the_bulk_child_answers_after_syncing_the_wal_outside_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child (run here in-process on in-memory pipes) commits a group without syncing under the lock, then its
+    answer thread syncs the WAL and only then writes the answer."""
+    db = tmp_path / "bosun.db"
+    conn = writer_module.connect(db)
+    writer_module.migrate(conn)
+    conn.close()
+    events: list[str] = []
+
+    class Out(io.BytesIO):
+        def write(self, data: Any) -> int:
+            events.append("answer")
+            return super().write(data)
+
+    synced = _record_syncs(monkeypatch, db, lambda: events.append("sync"))
+    body = msgpack.packb([7, [[_INSERT, [("d1", "t", 1.0, 1.0), ("d2", "t", 2.0, 2.0)]]]])
+    out = Out()
+    bulkproc.serve(db, "FULL", io.BytesIO(_FRAME.pack(len(body)) + body), out)
+    assert [(name, free) for name, free, _ in synced] == [(f"{db}-wal", True)]
+    assert events == ["sync", "answer"]
+    answer = out.getvalue()
+    assert msgpack.unpackb(answer[4:]) == [7, None]
+    assert _count(db, "SELECT count(*) FROM measurements") == 2
+
+
+def test_the_bulk_child_with_synchronous_normal_leaves_syncing_to_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "bosun.db"
+    conn = writer_module.connect(db)
+    writer_module.migrate(conn)
+    conn.close()
+    synced = _record_syncs(monkeypatch, db, lambda: None)
+    body = msgpack.packb([1, [[_INSERT, [("d1", "t", 1.0, 1.0)]]]])
+    out = io.BytesIO()
+    bulkproc.serve(db, "NORMAL", io.BytesIO(_FRAME.pack(len(body)) + body), out)
+    assert synced == [] and msgpack.unpackb(out.getvalue()[4:]) == [1, None]
+
+
+def test_the_wal_sync_follows_the_file_when_sqlite_makes_a_new_one(tmp_path: Path) -> None:
+    """SQLite deletes the WAL when its last connection closes and creates it again at the next write: the sync
+    does nothing while there is none and then syncs the new file, not the deleted one."""
+    db = tmp_path / "bosun.db"
+    wal_sync = WalSync(db)
+    try:
+        wal_sync()  # no database yet: nothing to sync
+        conn = writer_module.connect(db)
+        conn.execute("CREATE TABLE t (x)")
+        wal_sync()
+        first = os.stat(f"{db}-wal").st_ino
+        conn.close()
+        assert not Path(f"{db}-wal").exists()
+        wal_sync()
+        Path(f"{db}-wal").write_bytes(b"")  # take the old inode number out of reuse
+        os.unlink(f"{db}-wal")
+        conn = writer_module.connect(db)
+        conn.execute("INSERT INTO t VALUES (1)")
+        second = os.stat(f"{db}-wal").st_ino
+        wal_sync()
+        assert wal_sync._fd is not None and os.fstat(wal_sync._fd).st_ino == second != first
+        conn.close()
+    finally:
+        wal_sync.close()
+
+
+def test_sqlite_holds_no_lock_on_the_wal_file(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops every POSIX lock this process holds on it. store.walsync opens and
+    closes the WAL through descriptors of its own, which is safe only while SQLite locks the database and the -shm
+    file and never the WAL (checked against /proc/locks while a write transaction is open)."""
+    db = tmp_path / "bosun.db"
+    conn = writer_module.connect(db)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO t VALUES (1)")
+    try:
+        mine = set()
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if fields[1] in ("POSIX", "OFDLCK") and fields[4] == str(os.getpid()):
+                mine.add(int(fields[5].split(":")[2]))
+        assert os.stat(f"{db}-shm").st_ino in mine  # the check sees SQLite's locks
+        assert os.stat(f"{db}-wal").st_ino not in mine
+    finally:
+        conn.execute("COMMIT")
+        conn.close()

@@ -4,7 +4,8 @@ Why a process: inserting tens of thousands of rows a second from a thread of the
 makes the writer and the event loop fight over the GIL (sqlite3 releases and retakes it around every row),
 which measured as PUBACK p99 in seconds at 10,000 msg/s. Here the inserts run on the other core.
 
-Between groups it waits while the writer thread's flag (gateway/store/bulk.py's `Hold`) is up.
+Between groups it waits while the writer thread's flag (gateway/store/bulk.py's `Hold`) is up. Answers go out
+from a thread of their own (`_Answers`), after the WAL sync when `synchronous=FULL`.
 
 Frames both ways are a 4-byte big-endian length and a msgpack body:
 request `[group_id, [[sql, [row, ...]], ...]]`, answer `[group_id, error or None]`, sent after the COMMIT.
@@ -16,6 +17,7 @@ import mmap
 import sqlite3
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +25,7 @@ from typing import BinaryIO
 import msgpack
 
 from gateway.store.schema import connect
+from gateway.store.walsync import WalSync, connection_synchronous
 
 _LEN = struct.Struct("!I")
 _HOLD_POLL_S = 0.0002
@@ -42,8 +45,60 @@ def _wait_turn(hold: mmap.mmap | None) -> None:
         time.sleep(_HOLD_POLL_S)
 
 
+class _Answers:
+    """Writes answers on stdout from a thread of its own. With `synchronous=FULL` it syncs the WAL first, once for
+    every answer that arrived since its last sync: commits then no longer sync under the write lock
+    (store.walsync), and the child goes on to its next group while the last one's sync runs."""
+
+    def __init__(self, stdout: BinaryIO, wal_sync: WalSync | None) -> None:
+        self._stdout = stdout
+        self._wal_sync = wal_sync
+        self._queue: list[tuple[int, str | None]] = []
+        self._changed = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="bosun-bulk-answers", daemon=True)
+        self._thread.start()
+
+    def put(self, group_id: int, error: str | None) -> None:
+        with self._changed:
+            self._queue.append((group_id, error))
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Answer everything queued, then stop."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        self._thread.join()
+        if self._wal_sync is not None:
+            self._wal_sync.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._queue and not self._closing:
+                    self._changed.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue, []
+            failed = None
+            if self._wal_sync is not None:
+                try:
+                    self._wal_sync()
+                except OSError as exc:
+                    failed = f"the WAL could not be synced: {exc}"
+            out = bytearray()
+            for group_id, error in batch:
+                answer = msgpack.packb([group_id, error if error is not None else failed])
+                out += _LEN.pack(len(answer)) + answer
+            self._stdout.write(out)
+            self._stdout.flush()
+
+
 def serve(path: Path, synchronous: str, stdin: BinaryIO, stdout: BinaryIO, hold: mmap.mmap | None = None) -> None:
-    conn = connect(path, synchronous=synchronous, autocheckpoint=False)
+    sync = connection_synchronous(synchronous)
+    conn = connect(path, synchronous=sync, autocheckpoint=False)
+    answers = _Answers(stdout, WalSync(path) if sync != synchronous else None)
     try:
         while True:
             head = _read(stdin, 4)
@@ -64,10 +119,9 @@ def serve(path: Path, synchronous: str, stdin: BinaryIO, stdout: BinaryIO, hold:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 error = str(exc)
-            answer = msgpack.packb([group_id, error])
-            stdout.write(_LEN.pack(len(answer)) + answer)
-            stdout.flush()
+            answers.put(group_id, error)
     finally:
+        answers.close()
         conn.close()
 
 

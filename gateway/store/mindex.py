@@ -25,6 +25,7 @@ import struct
 from pathlib import Path
 
 from gateway.store.schema import connect, used_pages_bytes
+from gateway.store.walsync import WalSync
 
 __all__ = ["ALIAS", "Index", "attach", "background_priority", "index_path", "indexed_to", "is_attached"]
 
@@ -122,6 +123,7 @@ class Index:
         self._db_path = db_path
         self.path = index_path(db_path)
         self._conn: sqlite3.Connection | None = None
+        self._wal_sync = WalSync(db_path)
         self.indexed_to = 0
         self.used_bytes = 0  # pages in use in the index file: part of the disk budget (gateway/retention.py)
 
@@ -201,6 +203,7 @@ class Index:
             "INSERT INTO temp.batch SELECT device_id, ts, id FROM src.measurements WHERE id > ? AND id <= ?",
             (start, end),
         )
+        self._wal_sync()  # the rows read are on disk before the index counts them (store.walsync)
         conn.execute("BEGIN")
         try:
             conn.execute("INSERT OR IGNORE INTO devices(device_id) SELECT DISTINCT device_id FROM temp.batch")
@@ -258,3 +261,4 @@ class Index:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        self._wal_sync.close()

@@ -26,6 +26,7 @@ from gateway.errors import StoreError
 from gateway.metrics import Metrics
 from gateway.store.bulk import BulkWriter, Hold
 from gateway.store.schema import connect, migrate
+from gateway.store.walsync import WalSync, connection_synchronous
 
 __all__ = ["Op", "Writer"]
 
@@ -80,6 +81,7 @@ class Writer:
         self._hold: Hold | None = None
         self._stop_checkpoints = threading.Event()
         self._flusher: _Flusher | None = None
+        self._wal_sync: WalSync | None = None
         self._checkpointer = threading.Thread(target=self._checkpoints, name="bosun-checkpoint", daemon=True)
         if cfg.writer_process:
             self._hold = Hold()  # up while the thread wants or holds the write lock: the child waits (store/bulk.py)
@@ -98,9 +100,17 @@ class Writer:
             await self._proc.start()  # after _open: the schema is migrated before the child opens the file
 
     def _open(self) -> sqlite3.Connection:
-        conn = connect(self._path, synchronous=self._cfg.synchronous, autocheckpoint=False)
+        sync = connection_synchronous(self._cfg.synchronous)
+        conn = connect(self._path, synchronous=sync, autocheckpoint=False)
+        if sync != self._cfg.synchronous:
+            self._wal_sync = WalSync(self._path)  # FULL: each commit is synced after the lock is released
         migrate(conn)
+        self._sync_wal()
         return conn
+
+    def _sync_wal(self) -> None:
+        if self._wal_sync is not None:
+            self._wal_sync()
 
     def _checkpoints(self) -> None:
         """A thread of its own copies the WAL into the database (PASSIVE: it never blocks a writer, and the
@@ -307,7 +317,14 @@ class Writer:
     ) -> tuple[list[tuple[bool, Any]], Exception | None]:
         """Runs on the writer thread: the whole group in one transaction."""
         with self._child_held():
-            return self._commit(ops, bulk)
+            results, bulk_error = self._commit(ops, bulk)
+        try:
+            self._sync_wal()  # after the child may write again: the sync no longer holds the lock (store.walsync)
+        except OSError as exc:
+            log.error("the WAL could not be synced after a commit: %s", exc)
+            error = StoreError(f"the WAL could not be synced: {exc}")
+            return [(False, error)] * len(ops), (error if bulk else None)
+        return results, bulk_error
 
     def _commit(
         self, ops: list[Op], bulk: dict[str, list[tuple[Any, ...]]]
@@ -370,6 +387,8 @@ class Writer:
             self._conn = None
         if self._flusher is not None:
             self._flusher.close()
+        if self._wal_sync is not None:
+            self._wal_sync.close()
         if self._hold is not None:
             self._hold.close()
         self._executor.shutdown(wait=True)

@@ -28,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.retention import used_bytes
 from gateway.store.reader import Reader
 from gateway.store.records import LANE_PRIORITY, LANE_TELEMETRY, LANES
+from gateway.store.walsync import WalSync
 from gateway.store.writer import Writer
 from gateway.uplink import policy, source
 from gateway.uplink.sink import RefusedError, Sink, SinkError, TransientError
@@ -83,6 +84,7 @@ class Uplink:
         self._metrics = metrics
         self._freed_bytes = freed_bytes
         self._reader = Reader(db_path, name="bosun-uplink-reader")
+        self._wal_sync = WalSync(db_path)
         self._sink: Sink | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pacer = policy.Pacer(cfg.max_bytes_per_s)
@@ -134,6 +136,7 @@ class Uplink:
         if self._sink is not None:
             await self._sink.close()
         await self._reader.stop()
+        self._wal_sync.close()
 
     # --- sending ---------------------------------------------------------------------------------------
 
@@ -161,11 +164,7 @@ class Uplink:
             # set before the read: retention must not evict rows that this batch may be reading right now
             self.lanes[lane].in_flight = PACKING
             try:
-                packed = await self._reader.call(
-                    lambda c, lane=lane: source.pack_next(  # type: ignore[misc]
-                        c, self.gateway_id, lane, self._cfg.batch_records, self.epoch
-                    )
-                )
+                packed = await self._reader.call(lambda c, lane=lane: self._pack(c, lane))  # type: ignore[misc]
             finally:
                 self.lanes[lane].in_flight = packed.last if packed is not None else 0
             if packed is not None:
@@ -175,6 +174,17 @@ class Uplink:
             await asyncio.sleep(_IDLE_POLL_S)
             return
         await self._send(packed)
+
+    def _pack(self, conn: sqlite3.Connection, lane: str) -> source.Packed | None:
+        """On the reader thread: the lane's next batch, on disk before it can leave (store.walsync: the writers
+        sync a commit just after other connections can see it)."""
+        packed = source.pack_next(conn, self.gateway_id, lane, self._cfg.batch_records, self.epoch)
+        if packed is not None:
+            try:
+                self._wal_sync()
+            except OSError as exc:
+                raise StoreError(f"the WAL could not be synced: {exc}") from exc
+        return packed
 
     async def _send(self, packed: source.Packed) -> None:
         assert self._sink is not None
