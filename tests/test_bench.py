@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from gateway.bench.report import evaluate
 from gateway.bench.runner import _median_round
 
 
@@ -139,3 +140,33 @@ def test_the_relay_reports_its_median_round() -> None:
     assert (median["rate"], median["round"]) == (70_000.0, 2)
     assert median["round_rates"] == [90_000.0, 40_000.0, 70_000.0]
     assert "round_rates" not in rounds[2]  # the round itself is left as it was
+
+
+def _durable(rate: float, stored: float, sustained: bool, p99: float) -> dict[str, Any]:
+    return {
+        "synchronous": "FULL",
+        "rate": rate,
+        "stored_per_s": stored,
+        "sustained": sustained,
+        "puback_ms": {"p99": p99},
+        "rss_mb_peak": 120.0,
+    }
+
+
+def test_a_rate_of_20000_measured_and_not_sustained_is_a_plain_fail() -> None:
+    """The stored-rate target is starred (not measured at its conditions) only when no rate of 20,000 was run."""
+    settings = {"devices": 1000, "qos": 1}
+    tried = evaluate(
+        {"settings": settings, "durable": [_durable(10_000, 9_999, True, 40), _durable(20_000, 19_679, False, 1026)]}
+    )[0]
+    assert tried["verdict"] == "fail" and tried["comparable"] is True
+    assert (
+        tried["note"]
+        == "sustained up to 10,000 msg/s; 20,000 offered: 19,679 stored/s, PUBACK p99 1,026 ms, not sustained"
+    )
+    untried = evaluate({"settings": settings, "durable": [_durable(10_000, 9_999, True, 40)]})[0]
+    assert untried["comparable"] is False and "add a rate of 20000" in untried["note"]
+    done = evaluate(
+        {"settings": settings, "durable": [_durable(10_000, 9_999, True, 40), _durable(20_000, 19_990, True, 300)]}
+    )[0]
+    assert done["verdict"] == "pass" and done["comparable"] is True
