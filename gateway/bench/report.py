@@ -96,9 +96,9 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         tried = ", ".join(f"{r['rate']:,.0f}" for r in full)
         notes.append(f"no offered rate sustained (of {tried} msg/s)")
     elif best is not None and best["rate"] < 20_000:
-        tried = [r for r in full if r["rate"] >= 20_000]
-        if tried:  # measured at the target's rate and not sustained there: a plain FAIL, with what happened
-            at = min(tried, key=lambda r: r["rate"])
+        at_rate = [r for r in full if r["rate"] >= 20_000]
+        if at_rate:  # measured at the target's rate and not sustained there: a plain FAIL, with what happened
+            at = min(at_rate, key=lambda r: r["rate"])
             p99 = (at.get("puback_ms") or {}).get("p99")
             ack = f", PUBACK p99 {p99:,.0f} ms" if p99 is not None else ""
             notes.append(
