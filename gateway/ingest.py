@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway import codec, topics
+from gateway import codec, telemetry, topics
 from gateway.accounts import Accounts
 from gateway.calls.flow import SEND
 from gateway.config import Config
@@ -26,6 +26,7 @@ from gateway.metrics import Metrics, observe_many
 from gateway.presence import Presence
 from gateway.store.records import LANE_PRIORITY, outbox
 from gateway.store.writer import Writer
+from gateway.telemetry import EARLIEST_DEVICE_TS, MEASUREMENT_SQL, NO_MEASUREMENTS, TRAFFIC_SQL
 
 if TYPE_CHECKING:
     from gateway.calls.service import Calls
@@ -34,7 +35,6 @@ __all__ = ["Ingest", "Message"]
 
 log = logging.getLogger(__name__)
 
-_EARLIEST_DEVICE_TS = 1_577_836_800.0  # 2020-01-01: older device clocks are unset, use the receive time
 _ACK_STATUSES = {"received", "accepted", "declined", "done", "error"}
 _PRIORITIES = {"normal", "urgent", "emergency"}
 _CALL_KINDS = {SEND, "call"}  # outcome items the calls service publishes after the COMMIT
@@ -80,6 +80,8 @@ class Ingest:
         # counter increments of this loop turn, applied once at its end (prometheus takes a lock per inc)
         self._tallies: dict[Any, float] = {}
         self._stored_measurements = metrics.stored.labels("measurements")
+        self._child_decodes = writer.decodes_telemetry
+        writer.on_telemetry(self._telemetry_done)
         self._tracked: asyncio.Future[Any] | None = None
         self._times: list[float] = []
 
@@ -108,26 +110,40 @@ class Ingest:
         if len(payload) > self._max_payload:
             return self._submit(msg)
         parsed = known[0]
+        received_at = msg.received_at
+        rows: asyncio.Future[Any] | None
+        if self._child_decodes:
+            # the bulk child decodes it and writes its traffic row, with the payload's error if it has one
+            self._tally(known[2])
+            self._presence.seen(parsed.device_id, received_at)
+            item = (parsed.device_id, known[5], received_at, payload, parsed.msgpack, msg.client_id, msg.topic)
+            rows = self._writer.append_telemetry((*item, msg.qos, int(msg.retain), self._keep, self._traffic_budget()))
+            self._track(rows, received_at)
+            return rows
         try:
-            raw = codec.decode(payload, parsed.msgpack)
+            measured = telemetry.rows(parsed.device_id, known[5], received_at, payload, parsed.msgpack)
         except PayloadError:
             return self._submit(msg)  # decoded again there, counted and logged with its reason
         self._tally(known[2])
-        received_at = msg.received_at
         self._presence.seen(parsed.device_id, received_at)
-        flat = codec.flat_metrics(raw)
-        rows: asyncio.Future[Any] | None
-        if flat is not None:
-            rows = self._store_metrics(parsed.device_id, flat, received_at)
-        else:
-            rows = self._measure(parsed, known[5], codec.normalize(raw), received_at)
+        rows = self._store_rows(measured)
         if self._traffic_budget():
-            traffic = self._writer.append(_TRAFFIC_SQL, self._traffic_row(msg, None))
+            traffic = self._writer.append(TRAFFIC_SQL, self._traffic_row(msg, None))
             if rows is None:
                 rows = traffic
         if rows is not None:
             self._track(rows, received_at)
         return rows
+
+    def _telemetry_done(self, measured: int, rejects: list[tuple[str, str, str, int]]) -> None:
+        """The bulk child's count of a committed group's measurement rows, and the telemetry that stored none,
+        counted and logged as on the loop (the child wrote their traffic rows)."""
+        if measured:
+            self._tally(self._stored_measurements, measured)
+        for reason, client_id, topic, size in rejects:
+            self._metrics.drops.labels(reason).inc()
+            if reason != NO_MEASUREMENTS:
+                log.warning("dropped %s from %s on %r: %s", reason, client_id, topic, f"{size} bytes")
 
     def _submit(self, msg: Message) -> asyncio.Future[Any] | None:
         """`submit` for every message."""
@@ -135,7 +151,7 @@ class Ingest:
         writer = self._writer
         traffic = None
         if step.error is not None or self._traffic_budget():
-            traffic = writer.append(_TRAFFIC_SQL, self._traffic_row(msg, step.error))
+            traffic = writer.append(TRAFFIC_SQL, self._traffic_row(msg, step.error))
         if step.foreign:
             return None
         if step.op is None:
@@ -298,17 +314,16 @@ class Ingest:
         """Telemetry: one measurement row per metric, all in the writer's next group (the PUBACK waits for that
         group only, so a message's rows must not straddle two)."""
         metrics, ts = codec.extract_metrics(metric, body)
-        if not metrics:
-            self._metrics.drops.labels("no_measurements").inc()
-            return None
-        when = ts if ts is not None and _EARLIEST_DEVICE_TS <= ts <= received_at + 86400 else received_at
-        return self._store_metrics(parsed.device_id, metrics, when)
+        when = telemetry.device_time(ts, received_at)
+        return self._store_rows([(parsed.device_id, name, when, value) for name, value in metrics])
 
-    def _store_metrics(
-        self, device_id: str, metrics: list[tuple[str, float | None]], when: float
-    ) -> asyncio.Future[Any]:
-        future = self._writer.append_many(_MEASUREMENT_SQL, [(device_id, name, when, value) for name, value in metrics])
-        self._tally(self._stored_measurements, len(metrics))
+    def _store_rows(self, rows: list[Any]) -> asyncio.Future[Any] | None:
+        """A message's measurement rows in the next group; None (counted) when it had none."""
+        if not rows:
+            self._metrics.drops.labels(NO_MEASUREMENTS).inc()
+            return None
+        future = self._writer.append_many(MEASUREMENT_SQL, rows)
+        self._tally(self._stored_measurements, len(rows))
         return future
 
     def _tally(self, counter: Any, amount: float = 1.0) -> None:
@@ -332,17 +347,11 @@ class _Step:
     foreign: bool = False
 
 
-_TRAFFIC_SQL = (
-    "INSERT INTO traffic(ts, direction, client_id, topic, qos, retain, size, payload, error) VALUES (?,?,?,?,?,?,?,?,?)"
-)
-_MEASUREMENT_SQL = "INSERT INTO measurements(device_id, metric, ts, value) VALUES (?, ?, ?, ?)"
-
-
 def _device_ts(body: Any, received_at: float) -> float:
     if isinstance(body, dict):
         for key in ("timestamp", "time", "ts"):
             ts = codec.parse_time(body.get(key))
-            if ts is not None and _EARLIEST_DEVICE_TS <= ts <= received_at + 86400:
+            if ts is not None and EARLIEST_DEVICE_TS <= ts <= received_at + 86400:
                 return ts
     return received_at
 

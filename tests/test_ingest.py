@@ -287,7 +287,13 @@ async def test_traffic_log_is_capped_but_every_measurement_is_stored(tmp_path) -
 
 
 class _Writer:
-    """Records appends and ops; appended rows share one group future until `commit_group`."""
+    """Records appends and ops; appended rows share one group future until `commit_group`. Telemetry is decoded on
+    the loop, as with no bulk child (the child's decoding is tested against the real one)."""
+
+    decodes_telemetry = False
+
+    def on_telemetry(self, hook: Any) -> None:
+        pass
 
     def __init__(self) -> None:
         self.log: list[tuple[Any, ...]] = []
@@ -568,3 +574,56 @@ async def test_traffic_budget_reads_the_clock_once_per_loop_turn_when_empty(monk
     before = len(writer.log)
     ingest.submit(Message("s1", S1 + "telemetry", b'{"t": 1}', 0, False, NOW))
     assert writer.log[before:][-1][0] == "traffic"
+
+
+async def test_telemetry_the_bulk_child_decodes_is_stored_counted_and_logged(gateway: Running, paho_clients) -> None:
+    """After a topic's first message (classified on the loop), its telemetry goes to the bulk child undecoded
+    (gateway/telemetry.py): rows, device timestamps, the stored counter, and payloads that fail or hold no
+    measurement (counted, logged, in the traffic log with the reason, still acknowledged) as on the loop."""
+    assert gateway.gw.writer.decodes_telemetry
+    device, _ = await _device(gateway, paho_clients, "sen-2", type_="sensor")
+    telemetry_topic = topic("sen-2", "telemetry", type_="sensor")
+    co2 = topic("sen-2", "co2", type_="sensor")
+    for i in range(3):
+        await asyncio.to_thread(device.publish, telemetry_topic, json.dumps({"temperature": 20.0 + i, "rh": 40.5}))
+        await asyncio.to_thread(device.publish, co2, json.dumps({"value": 600 + i, "time": 1767322000 + i}))
+    await asyncio.to_thread(device.publish, telemetry_topic, "{not json")
+    await asyncio.to_thread(device.publish, telemetry_topic, json.dumps({"note": "no numbers"}))
+    await asyncio.to_thread(device.publish, telemetry_topic, json.dumps({"temperature": 23.0}))
+    rows = gateway.rows("SELECT metric, ts, value FROM measurements WHERE device_id = 'sen-2' ORDER BY id")
+    assert [(m, v) for m, _, v in rows if m != "co2"] == [
+        ("temperature", 20.0),
+        ("rh", 40.5),
+        ("temperature", 21.0),
+        ("rh", 40.5),
+        ("temperature", 22.0),
+        ("rh", 40.5),
+        ("temperature", 23.0),
+    ]
+    assert [(ts, v) for m, ts, v in rows if m == "co2"] == [(1767322000.0 + i, 600.0 + i) for i in range(3)]
+    health = gateway.gw.health()["counters"]
+    assert health["drops"]["bad_json"] == 1 and health["drops"]["no_measurements"] == 1
+    assert health["stored"]["measurements"] == 10
+    logged = await gateway.wait_for("SELECT payload, error FROM traffic WHERE error IS NOT NULL")
+    assert logged == [(b"{not json", "bad_json")]
+
+
+async def test_a_bad_payload_past_the_traffic_budget_is_still_logged_with_its_reason(tmp_path) -> None:
+    """The traffic budget decides on the loop whether the child writes a message's traffic row; a payload the child
+    then finds bad gets its row whatever the budget, with the reason (as every refusal on the loop)."""
+    from mqttraw import RawClient, started
+    from mqttraw import topic as raw_topic
+
+    async with started(tmp_path, **{"store.traffic_rate": 1}) as gw:
+        password = await gw.add_device("sen-8", type_="sensor")
+        client = RawClient(gw.mqtt_port)
+        await client.connect("sen-8", "sen-8", password)
+        telemetry_topic = raw_topic("sen-8", "telemetry", type_="sensor")
+        for i in range(5):
+            await client.publish(telemetry_topic, json.dumps({"t": float(i)}).encode(), qos=1)
+        await client.publish(telemetry_topic, b'{"t": 1,}', qos=1)  # acknowledged: after its group's COMMIT
+        logged = await gw.wait_for("SELECT topic, payload, error FROM traffic WHERE error IS NOT NULL")
+        assert logged == [(telemetry_topic, b'{"t": 1,}', "bad_json")]
+        assert gw.rows("SELECT COUNT(*) FROM traffic WHERE client_id = 'sen-8'")[0][0] <= 3  # the budget held
+        assert gw.rows("SELECT COUNT(*) FROM measurements WHERE device_id = 'sen-8'") == [(5,)]
+        await client.close()

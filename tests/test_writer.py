@@ -335,7 +335,7 @@ def test_the_bulk_child_answers_after_syncing_the_wal_outside_the_lock(
     assert [(name, free) for name, free, _ in synced] == [(f"{db}-wal", True)]
     assert events == ["sync", "answer"]
     answer = out.getvalue()
-    assert msgpack.unpackb(answer[4:]) == [7, None]
+    assert msgpack.unpackb(answer[4:]) == [7, None, 0, []]
     assert _count(db, "SELECT count(*) FROM measurements") == 2
 
 
@@ -350,7 +350,7 @@ def test_the_bulk_child_with_synchronous_normal_leaves_syncing_to_sqlite(
     body = msgpack.packb([1, [[_INSERT, [("d1", "t", 1.0, 1.0)]]]])
     out = io.BytesIO()
     bulkproc.serve(db, "NORMAL", io.BytesIO(_FRAME.pack(len(body)) + body), out)
-    assert synced == [] and msgpack.unpackb(out.getvalue()[4:]) == [1, None]
+    assert synced == [] and msgpack.unpackb(out.getvalue()[4:]) == [1, None, 0, []]
 
 
 def test_the_wal_sync_follows_the_file_when_sqlite_makes_a_new_one(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ import msgpack
 
 from gateway.errors import StoreError
 from gateway.metrics import Metrics
+from gateway.telemetry import TELEMETRY
 
 __all__ = ["BulkWriter", "Hold"]
 
@@ -78,6 +79,11 @@ class _Group:
         self.future = future
 
 
+# Called on the loop with the measurement rows a committed group's telemetry made, and `(reason, client_id, topic,
+# size)` for each telemetry item that stored none (gateway/telemetry.py's decode_group).
+TelemetryHook = Callable[[int, list[tuple[str, str, str, int]]], None]
+
+
 class BulkWriter:
     def __init__(self, path: Path, synchronous: str, metrics: Metrics, on_done: Callable[[], None], hold: Hold) -> None:
         self._on_done = on_done
@@ -90,6 +96,7 @@ class BulkWriter:
         self._waiting: deque[_Group] = deque()  # not yet sent; only the last one takes new rows
         self.waiting_rows = 0  # rows in `_waiting`; read by Writer.congested
         self._sent: dict[int, tuple[asyncio.Future[None], int]] = {}
+        self.on_telemetry: TelemetryHook | None = None
         self.sent_rows = 0  # rows in `_sent`
         self._next_id = 0
         self._scheduled = False
@@ -121,6 +128,27 @@ class BulkWriter:
     def append_many(self, sql: str, rows: Sequence[tuple[Any, ...]]) -> asyncio.Future[None]:
         """Add `rows` to the open group, all of them: the rows of one message commit or fail together (a group may
         exceed `_GROUP_ROWS` by a message's rows)."""
+        group = self._open_group()
+        table = group.tables.get(sql)
+        if table is None:
+            table = group.tables[sql] = []
+        table.extend(rows)
+        group.rows += len(rows)
+        self.waiting_rows += len(rows)
+        return group.future
+
+    def append_telemetry(self, item: tuple[Any, ...]) -> asyncio.Future[None]:
+        """Add one undecoded telemetry message (gateway/telemetry.py's TELEMETRY item)."""
+        group = self._open_group()
+        table = group.tables.get(TELEMETRY)
+        if table is None:
+            table = group.tables[TELEMETRY] = []
+        table.append(item)
+        group.rows += 1
+        self.waiting_rows += 1
+        return group.future
+
+    def _open_group(self) -> _Group:
         if self._closing:
             raise StoreError("the writer is stopping")
         waiting = self._waiting
@@ -132,13 +160,7 @@ class BulkWriter:
             if not self._scheduled and self._may_send():
                 self._scheduled = True
                 loop.call_soon(self._send)
-        table = group.tables.get(sql)
-        if table is None:
-            table = group.tables[sql] = []
-        table.extend(rows)
-        group.rows += len(rows)
-        self.waiting_rows += len(rows)
-        return group.future
+        return group
 
     def _send(self) -> None:
         """Hand waiting groups to the child (at the end of this loop turn, so the open one holds all of this
@@ -171,7 +193,9 @@ class BulkWriter:
         try:
             while True:
                 head = await proc.stdout.readexactly(4)
-                group_id, error = msgpack.unpackb(await proc.stdout.readexactly(_LEN.unpack(head)[0]))
+                group_id, error, measured, rejects = msgpack.unpackb(
+                    await proc.stdout.readexactly(_LEN.unpack(head)[0])
+                )
                 future, rows = self._sent.pop(group_id)
                 self.sent_rows -= rows
                 self.groups += 1
@@ -179,6 +203,11 @@ class BulkWriter:
                 self._metrics.writer_batch.observe(rows)
                 if error is None:
                     future.set_result(None)
+                    if (measured or rejects) and self.on_telemetry is not None:
+                        try:
+                            self.on_telemetry(measured, rejects)
+                        except Exception:  # the answers must go on being read
+                            log.exception("the telemetry hook failed")
                 else:
                     self._fail(future, rows, StoreError(error))
                 if self._waiting and not self._scheduled:

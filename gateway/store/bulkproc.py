@@ -8,7 +8,10 @@ Between groups it waits while the writer thread's flag (gateway/store/bulk.py's 
 from a thread of their own (`_Answers`), after the WAL sync when `synchronous=FULL`.
 
 Frames both ways are a 4-byte big-endian length and a msgpack body:
-request `[group_id, [[sql, [row, ...]], ...]]`, answer `[group_id, error or None]`, sent after the COMMIT.
+request `[group_id, [[sql, [row, ...]], ...]]`, answer `[group_id, error or None, measurements, rejects]`, sent after
+the COMMIT. A table named `telemetry.TELEMETRY` holds undecoded telemetry: the child decodes it before it takes the
+write lock (`telemetry.decode_group`). The answer counts the measurement rows that came of it, and lists the items
+that stored none as `[reason, client_id, topic, size]`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import msgpack
 
 from gateway.store.schema import connect
 from gateway.store.walsync import WalSync, connection_synchronous
+from gateway.telemetry import decode_group
 
 _LEN = struct.Struct("!I")
 _HOLD_POLL_S = 0.0002
@@ -53,15 +57,15 @@ class _Answers:
     def __init__(self, stdout: BinaryIO, wal_sync: WalSync | None) -> None:
         self._stdout = stdout
         self._wal_sync = wal_sync
-        self._queue: list[tuple[int, str | None]] = []
+        self._queue: list[tuple[int, str | None, int, list[tuple[str, str, str, int]]]] = []
         self._changed = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="bosun-bulk-answers", daemon=True)
         self._thread.start()
 
-    def put(self, group_id: int, error: str | None) -> None:
+    def put(self, group_id: int, error: str | None, stored: int, rejects: list[tuple[str, str, str, int]]) -> None:
         with self._changed:
-            self._queue.append((group_id, error))
+            self._queue.append((group_id, error, stored, rejects))
             self._changed.notify()
 
     def close(self) -> None:
@@ -88,8 +92,8 @@ class _Answers:
                 except OSError as exc:
                     failed = f"the WAL could not be synced: {exc}"
             out = bytearray()
-            for group_id, error in batch:
-                answer = msgpack.packb([group_id, error if error is not None else failed])
+            for group_id, error, stored, rejects in batch:
+                answer = msgpack.packb([group_id, error if error is not None else failed, stored, rejects])
                 out += _LEN.pack(len(answer)) + answer
             self._stdout.write(out)
             self._stdout.flush()
@@ -108,6 +112,7 @@ def serve(path: Path, synchronous: str, stdin: BinaryIO, stdout: BinaryIO, hold:
             if body is None:
                 return
             group_id, tables = msgpack.unpackb(body, use_list=False)
+            tables, stored, rejects = decode_group(tables)  # before the turn: decoding holds no lock
             _wait_turn(hold)
             error = None
             try:
@@ -119,7 +124,7 @@ def serve(path: Path, synchronous: str, stdin: BinaryIO, stdout: BinaryIO, hold:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 error = str(exc)
-            answers.put(group_id, error)
+            answers.put(group_id, error, stored, rejects)
     finally:
         answers.close()
         conn.close()

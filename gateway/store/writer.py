@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from gateway.config import StoreSection
 from gateway.errors import StoreError
 from gateway.metrics import Metrics
-from gateway.store.bulk import BulkWriter, Hold
+from gateway.store.bulk import BulkWriter, Hold, TelemetryHook
 from gateway.store.schema import connect, migrate
 from gateway.store.walsync import WalSync, connection_synchronous
 
@@ -205,6 +205,23 @@ class Writer:
             future = self._bulk_future = self._loop_ref.create_future()
             self._wakeup.set()
         return future
+
+    @property
+    def decodes_telemetry(self) -> bool:
+        """Whether `append_telemetry` may be used: the bulk child decodes telemetry (gateway/telemetry.py)."""
+        return self._proc is not None
+
+    def append_telemetry(self, item: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue one undecoded telemetry message for the bulk child (see `decodes_telemetry`)."""
+        if self._closing:
+            raise StoreError("the writer is stopping")
+        assert self._proc is not None
+        return self._proc.append_telemetry(item)
+
+    def on_telemetry(self, hook: TelemetryHook) -> None:
+        """Call `hook` with what the bulk child found in each committed group's telemetry."""
+        if self._proc is not None:
+            self._proc.on_telemetry = hook
 
     async def enqueue(self, op: Op) -> asyncio.Future[Any]:
         """Queue `op`; wait while the queue is full (backpressure). The future resolves after COMMIT."""
