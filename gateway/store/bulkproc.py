@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import mmap
 import sqlite3
-import struct
 import sys
 import threading
 import time
@@ -27,18 +26,13 @@ from typing import BinaryIO
 
 import msgpack
 
+from gateway.store.frames import LEN, read
 from gateway.store.schema import connect
 from gateway.store.walsync import WalSync, connection_synchronous
 from gateway.telemetry import decode_group
 
-_LEN = struct.Struct("!I")
 _HOLD_POLL_S = 0.0002
 _HOLD_MAX_S = 5.0  # never expected (the writer clears it in a finally); past it, SQLite's own locks decide
-
-
-def _read(stream: BinaryIO, n: int) -> bytes | None:
-    data = stream.read(n)
-    return data if data and len(data) == n else None
 
 
 def _wait_turn(hold: mmap.mmap | None) -> None:
@@ -94,7 +88,7 @@ class _Answers:
             out = bytearray()
             for group_id, error, stored, rejects in batch:
                 answer = msgpack.packb([group_id, error if error is not None else failed, stored, rejects])
-                out += _LEN.pack(len(answer)) + answer
+                out += LEN.pack(len(answer)) + answer
             self._stdout.write(out)
             self._stdout.flush()
 
@@ -105,10 +99,10 @@ def serve(path: Path, synchronous: str, stdin: BinaryIO, stdout: BinaryIO, hold:
     answers = _Answers(stdout, WalSync(path) if sync != synchronous else None)
     try:
         while True:
-            head = _read(stdin, 4)
+            head = read(stdin, 4)
             if head is None:
                 return  # the gateway closed the pipe: everything sent was answered
-            body = _read(stdin, _LEN.unpack(head)[0])
+            body = read(stdin, LEN.unpack(head)[0])
             if body is None:
                 return
             group_id, tables = msgpack.unpackb(body, use_list=False)

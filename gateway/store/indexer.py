@@ -8,6 +8,7 @@ resident memory, counted in the gateway's).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import sys
@@ -66,6 +67,7 @@ class Indexer:
         self.behind = 0  # rows the index had not reached at its last look (device queries read them from the table)
         self.used_bytes = 0  # pages in use in the index file: part of the disk budget (gateway/retention.py)
         self.pid: int | None = None
+        self._killed: asyncio.subprocess.Process | None = None  # a process a cancelled request killed
 
     async def start(self) -> None:
         """Start the index process, which creates or checks the file (before any reader attaches it), then index in
@@ -113,6 +115,7 @@ class Indexer:
             if proc.returncode is None:
                 proc.kill()
             self._proc = None
+            self._killed = proc  # reaped by stop(): its pipes are closed there, before the loop may end
             raise
         for level, message in notes:  # what the process logged, in the gateway's log
             log.log(level, "%s", message)
@@ -183,13 +186,29 @@ class Indexer:
             self._task = None
         async with self._lock:
             proc, self._proc = self._proc, None
-            if proc is None or proc.returncode is not None:
+            killed, self._killed = self._killed, None
+            if killed is not None:
+                await _reap(killed)
+            if proc is None:
                 return
             assert proc.stdin is not None
             proc.stdin.close()  # the process closes the file and exits
-            try:
-                await asyncio.wait_for(proc.wait(), _STOP_WAIT_S)
-            except TimeoutError:
-                log.warning("the index process did not exit within %g s: killing it", _STOP_WAIT_S)
-                proc.kill()
-                await proc.wait()
+            if proc.returncode is None:
+                try:
+                    await asyncio.wait_for(proc.wait(), _STOP_WAIT_S)
+                except TimeoutError:
+                    log.warning("the index process did not exit within %g s: killing it", _STOP_WAIT_S)
+                    proc.kill()
+            await _reap(proc)
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    """Wait for an exited or exiting process and close its pipes. On Python 3.11 `wait()` returns at the exit,
+    possibly before the pipes are closed; a transport left with open pipes is closed by the garbage collector,
+    which fails once the loop has ended ("Event loop is closed")."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.close()
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        await proc.stdout.read()  # to the end of the pipe: its transport closes
+    await proc.wait()
+    await asyncio.sleep(0)  # the transport's own connection_lost callbacks run

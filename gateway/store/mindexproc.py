@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from gateway.store.bulkproc import _read  # the bulk child's frames: the same length prefix
+from gateway.store.frames import read
 from gateway.store.mindex import _LEN, Index, background_priority
 
 
@@ -44,8 +44,8 @@ def serve(db_path: Path, stdin: BinaryIO, stdout: BinaryIO) -> None:
     ops: dict[str, Any] = {"open": index.open, "waiting": index.waiting, "step": index.step, "purge": index.purge}
     try:
         while True:
-            head = _read(stdin, 4)
-            body = _read(stdin, _LEN.unpack(head)[0]) if head is not None else None
+            head = read(stdin, 4)
+            body = read(stdin, _LEN.unpack(head)[0]) if head is not None else None
             if body is None:
                 return  # the gateway closed the pipe
             op, args = msgpack.unpackb(body)
