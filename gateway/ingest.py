@@ -26,7 +26,7 @@ from gateway.metrics import Metrics, observe_many
 from gateway.presence import Presence
 from gateway.store.records import LANE_PRIORITY, outbox
 from gateway.store.writer import Writer
-from gateway.telemetry import EARLIEST_DEVICE_TS, MEASUREMENT_SQL, NO_MEASUREMENTS, TRAFFIC_SQL
+from gateway.telemetry import MEASUREMENT_SQL, NO_MEASUREMENTS, TRAFFIC_SQL
 
 if TYPE_CHECKING:
     from gateway.calls.service import Calls
@@ -86,8 +86,11 @@ class Ingest:
         self._times: list[float] = []
 
     def _drop(self, reason: str, msg: Message, detail: str) -> None:
+        self._refused(reason, msg.client_id, msg.topic, detail)
+
+    def _refused(self, reason: str, client_id: str, topic: str, detail: str) -> None:
         self._metrics.drops.labels(reason).inc()
-        log.warning("dropped %s from %s on %r: %s", reason, msg.client_id, msg.topic, detail)
+        log.warning("dropped %s from %s on %r: %s", reason, client_id, topic, detail)
 
     async def accept(self, msg: Message) -> asyncio.Future[Any] | None:
         """Queue the message's write; waits while the writer is full (backpressure on the publisher)."""
@@ -141,9 +144,10 @@ class Ingest:
         if measured:
             self._tally(self._stored_measurements, measured)
         for reason, client_id, topic, size in rejects:
-            self._metrics.drops.labels(reason).inc()
-            if reason != NO_MEASUREMENTS:
-                log.warning("dropped %s from %s on %r: %s", reason, client_id, topic, f"{size} bytes")
+            if reason == NO_MEASUREMENTS:
+                self._metrics.drops.labels(reason).inc()
+            else:
+                self._refused(reason, client_id, topic, f"{size} bytes")
 
     def _submit(self, msg: Message) -> asyncio.Future[Any] | None:
         """`submit` for every message."""
@@ -351,7 +355,7 @@ def _device_ts(body: Any, received_at: float) -> float:
     if isinstance(body, dict):
         for key in ("timestamp", "time", "ts"):
             ts = codec.parse_time(body.get(key))
-            if ts is not None and EARLIEST_DEVICE_TS <= ts <= received_at + 86400:
+            if ts is not None and telemetry.plausible(ts, received_at):
                 return ts
     return received_at
 

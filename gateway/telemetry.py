@@ -23,6 +23,7 @@ __all__ = [
     "TRAFFIC_SQL",
     "decode_group",
     "device_time",
+    "plausible",
     "rows",
 ]
 
@@ -55,8 +56,13 @@ def rows(device_id: str, metric: str, received_at: float, payload: bytes, msgpac
 
 
 def device_time(ts: float | None, received_at: float) -> float:
-    """The device's timestamp when it is plausible (after 2020, at most a day ahead), else the receive time."""
-    return ts if ts is not None and EARLIEST_DEVICE_TS <= ts <= received_at + 86400 else received_at
+    """The device's timestamp when it is `plausible`, else the receive time."""
+    return ts if ts is not None and plausible(ts, received_at) else received_at
+
+
+def plausible(ts: float, received_at: float) -> bool:
+    """A device clock that was set (after 2020) and is at most a day ahead of the gateway's."""
+    return EARLIEST_DEVICE_TS <= ts <= received_at + 86400
 
 
 def decode_group(

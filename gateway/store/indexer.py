@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from gateway.errors import StoreError
-from gateway.store.mindex import _BATCH_MIN, _LEN, _MAX_WAIT_S, index_path
+from gateway.store.frames import LEN
+from gateway.store.mindex import _BATCH_MIN, _MAX_WAIT_S, index_path
 
 if TYPE_CHECKING:  # not imported at run time by the tests that need no metrics
     from gateway.metrics import Metrics
@@ -101,11 +102,11 @@ class Indexer:
         assert proc.stdin is not None and proc.stdout is not None
         body = msgpack.packb([op, list(args)])
         try:
-            proc.stdin.write(_LEN.pack(len(body)) + body)
+            proc.stdin.write(LEN.pack(len(body)) + body)
             await proc.stdin.drain()
             head = await proc.stdout.readexactly(4)
             error, result, indexed_to, used_bytes, notes = msgpack.unpackb(
-                await proc.stdout.readexactly(_LEN.unpack(head)[0])
+                await proc.stdout.readexactly(LEN.unpack(head)[0])
             )
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             code = await proc.wait()

@@ -21,7 +21,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import struct
 from pathlib import Path
 
 from gateway.store.schema import connect, used_pages_bytes
@@ -63,7 +62,6 @@ _ENTRIES = (
 )
 _STATE = "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value)"
 # Frames to and from the index process: a 4-byte big-endian length and a msgpack body (gateway/store/mindexproc.py).
-_LEN = struct.Struct("!I")
 
 
 def index_path(db_path: Path) -> Path:

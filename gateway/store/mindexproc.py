@@ -21,8 +21,8 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from gateway.store.frames import read
-from gateway.store.mindex import _LEN, Index, background_priority
+from gateway.store.frames import LEN, read
+from gateway.store.mindex import Index, background_priority
 
 
 class _Notes(logging.Handler):
@@ -45,7 +45,7 @@ def serve(db_path: Path, stdin: BinaryIO, stdout: BinaryIO) -> None:
     try:
         while True:
             head = read(stdin, 4)
-            body = read(stdin, _LEN.unpack(head)[0]) if head is not None else None
+            body = read(stdin, LEN.unpack(head)[0]) if head is not None else None
             if body is None:
                 return  # the gateway closed the pipe
             op, args = msgpack.unpackb(body)
@@ -56,7 +56,7 @@ def serve(db_path: Path, stdin: BinaryIO, stdout: BinaryIO) -> None:
                 error = f"{type(exc).__name__}: {exc}"
             answer = msgpack.packb([error, result, index.indexed_to, index.used_bytes, notes.records])
             notes.records = []
-            stdout.write(_LEN.pack(len(answer)) + answer)
+            stdout.write(LEN.pack(len(answer)) + answer)
             stdout.flush()
     finally:
         index.close()
