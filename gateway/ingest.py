@@ -317,9 +317,7 @@ class Ingest:
     ) -> asyncio.Future[Any] | None:
         """Telemetry: one measurement row per metric, all in the writer's next group (the PUBACK waits for that
         group only, so a message's rows must not straddle two)."""
-        metrics, ts = codec.extract_metrics(metric, body)
-        when = telemetry.device_time(ts, received_at)
-        return self._store_rows([(parsed.device_id, name, when, value) for name, value in metrics])
+        return self._store_rows(telemetry.normalized_rows(parsed.device_id, metric, received_at, body))
 
     def _store_rows(self, rows: list[Any]) -> asyncio.Future[Any] | None:
         """A message's measurement rows in the next group; None (counted) when it had none."""

@@ -23,6 +23,7 @@ __all__ = [
     "TRAFFIC_SQL",
     "decode_group",
     "device_time",
+    "normalized_rows",
     "plausible",
     "rows",
 ]
@@ -50,7 +51,12 @@ def rows(device_id: str, metric: str, received_at: float, payload: bytes, msgpac
     flat = codec.flat_metrics(raw)
     if flat is not None:  # nearly every message: a flat object of numbers, no timestamp
         return [(device_id, name, received_at, value) for name, value in flat]
-    metrics, ts = codec.extract_metrics(metric, codec.normalize(raw))
+    return normalized_rows(device_id, metric, received_at, codec.normalize(raw))
+
+
+def normalized_rows(device_id: str, metric: str, received_at: float, body: Any) -> list[Any]:
+    """`rows` of a payload already decoded and normalized (codec.normalize)."""
+    metrics, ts = codec.extract_metrics(metric, body)
     when = device_time(ts, received_at)
     return [(device_id, name, when, value) for name, value in metrics]
 
@@ -67,20 +73,20 @@ def plausible(ts: float, received_at: float) -> bool:
 
 def decode_group(
     tables: Sequence[tuple[str, Sequence[Any]]],
-) -> tuple[list[tuple[str, list[Any]]], int, list[tuple[str, str, str, int]]]:
+) -> tuple[list[tuple[str, Sequence[Any]]], int, list[tuple[str, str, str, int]]]:
     """The bulk child's step before it takes the write lock: each TELEMETRY item of a group becomes its rows.
 
     Returns the group's tables with the TELEMETRY one replaced by MEASUREMENT_SQL and TRAFFIC_SQL rows, the number
     of measurement rows, and the items that stored no measurement as `(reason, client_id, topic, size)`. The reason
     is PayloadError's for a payload that cannot be decoded, whose traffic row carries it and is written whatever
     the budget (as every refusal), or NO_MEASUREMENTS for one with no measurement in it (not an error)."""
-    out: list[tuple[str, list[Any]]] = []
+    out: list[tuple[str, Sequence[Any]]] = []
     measured: list[Any] = []
     traffic: list[Any] = []
     rejects: list[tuple[str, str, str, int]] = []
     for sql, items in tables:
         if sql != TELEMETRY:
-            out.append((sql, list(items)))
+            out.append((sql, items))
             continue
         for (
             device_id,

@@ -61,7 +61,6 @@ _ENTRIES = (
     "PRIMARY KEY (dev, ts, id)) WITHOUT ROWID"
 )
 _STATE = "CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value)"
-# Frames to and from the index process: a 4-byte big-endian length and a msgpack body (gateway/store/mindexproc.py).
 
 
 def index_path(db_path: Path) -> Path:
